@@ -1,0 +1,365 @@
+"""Typed configuration for every apo-ray job.
+
+One schema (omegaconf structured dataclasses) for Stage 1 (`vstar`), Stage 2
+(`train`) and evaluation. A job loads defaults, merges a YAML file (a shipped
+name such as ``demo`` or a path), then a command-line dotlist
+(``train.lr=1e-5``), and validates the result with errors that name the key.
+
+The resolved config is saved next to every output (`save_config`). Values that
+are derived from it (resolved model path, gradient-accumulation steps, ...) live
+in separate frozen objects built by the job, never written back here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_MODEL = "tiny"  # model.path value: the project's own tiny model, built and cached on demand
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    # A local HF model directory, a Hugging Face hub id ("Qwen/Qwen2.5-1.5B"), or
+    # "tiny": the project's own warm-started tiny Qwen2 (built once, cached).
+    path: str = TINY_MODEL
+    # "auto": float32 on CPU, bfloat16 on GPU.
+    dtype: str = "auto"
+
+
+@dataclass
+class ArithConfig:
+    """The synthetic arithmetic task (deterministic from seed)."""
+
+    seed: int = 0
+    digits: int = 2  # operands have up to this many digits
+    ops: str = "+"  # operators to draw from, e.g. "+-"
+    num_train: int = 512
+    num_eval: int = 200
+
+
+@dataclass
+class DataConfig:
+    # Prompt format, template and default reward: gsm8k | math | arith.
+    task: str = "arith"
+    # Where prompts come from: a .jsonl / .parquet file (or a directory of them),
+    # "hf:NAME" or "hf:NAME:SUBSET" for a Hugging Face dataset, or "synthetic" (arith only).
+    train_source: str = "synthetic"
+    train_split: str = "train"
+    eval_source: str = "synthetic"
+    eval_split: str = "test"
+    # Column names; None uses the task's defaults (gsm8k: question/answer, math: problem/solution).
+    prompt_key: Optional[str] = None
+    answer_key: Optional[str] = None
+    # Optional cap on prompts read (None: all).
+    max_train_prompts: Optional[int] = None
+    max_eval_prompts: Optional[int] = None
+    # "error": a bad row (not JSON, missing column, empty prompt, no answer) stops
+    # the job with its file and line; "skip": it is skipped, counted and reported.
+    on_bad_row: str = "error"
+    arith: ArithConfig = field(default_factory=ArithConfig)
+
+
+@dataclass
+class RewardConfig:
+    # Built-in name (gsm8k | math | arith) or "package.module:function".
+    # None: the built-in reward of data.task.
+    fn: Optional[str] = None
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024  # response tokens
+    max_prompt_tokens: int = 256  # longer prompts are dropped and counted
+    seed: int = 0
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings shared by Stage 1, the rollout actor and eval."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.45
+    cpu_kvcache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    enforce_eager: bool = False
+    max_num_seqs: int = 256
+
+
+@dataclass
+class VStarConfig:
+    """Stage 1: V*(x) from N reference samples per prompt."""
+
+    output_dir: str = "runs/vstar"
+    num_samples: int = 8  # N
+    beta1: float = 0.5  # .inf: plain mean of rewards
+    filter_unsolvable: bool = False  # drop prompts whose N rewards are all 0
+    keep_completions: bool = False
+    overwrite: bool = False
+    shard_size: int = 256  # prompts per parquet shard (also the unit of resume)
+    batch_size: int = 64  # prompts per vLLM call inside an actor
+    min_actors: int = 1
+    max_actors: int = 1
+    log_every_s: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2: on-policy A*-PO (or the GRPO baseline)."""
+
+    algo: str = "astar_po"  # astar_po | grpo
+    vstar_dir: str = "runs/vstar"
+    output_dir: str = "runs/train"
+    num_steps: int = 100
+    rollout_batch_size: int = 256  # prompts per step
+    mini_batch_size: int = 128  # prompts per optimizer step
+    micro_batch_size: int = 8  # sequences per forward/backward per learner
+    beta2: float = 1e-3
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    entropy_coef: float = 0.0  # the official code uses 0.001; the paper does not mention it
+    # GRPO baseline
+    group_size: int = 8
+    clip_eps: float = 0.2
+    kl_coef: float = 0.001
+    # Learners and placement
+    num_learners: int = 1
+    zero_stage: int = 2
+    placement: str = "colocate"  # colocate | separate
+    sleep_between_phases: bool = True  # GPU only: vLLM sleep/wake around training
+    # Checkpoints, eval, loggers
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    eval_every: int = 0  # steps; 0 disables in-training eval
+    seed: int = 0
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    mlflow_tracking_uri: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = "runs/eval"
+    model_path: Optional[str] = None  # None: model.path
+    k: int = 1  # pass@k with k samples at temperature 1 (k=1: greedy only)
+    max_prompts: Optional[int] = None
+    num_actors: int = 1
+    kl_samples: bool = True  # also estimate KL(pi || pi_ref) against model.path
+
+
+@dataclass
+class ResourcesConfig:
+    # Ray address; None: $RAY_ADDRESS if set (ray job submit sets it), else an embedded local Ray.
+    address: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda
+    # Logical CPUs for an embedded local Ray (None: Ray's default). Actors are mostly
+    # idle in turn, so this may exceed the physical cores.
+    num_cpus: Optional[int] = None
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    vstar: VStarConfig = field(default_factory=VStarConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def shipped_configs() -> list[str]:
+    """Names of the YAML configs shipped in apo_ray/configs (without .yaml)."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    hint = difflib.get_close_matches(name_or_path, shipped_configs(), n=1)
+    extra = f" Did you mean '{hint[0]}'?" if hint else ""
+    raise ConfigError(
+        f"--config {name_or_path!r}: no such file, and not a shipped config "
+        f"({', '.join(shipped_configs())}).{extra}"
+    )
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        hint = difflib.get_close_matches(key, _all_keys(base), n=1, cutoff=0.5)
+        extra = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"{origin}: unknown config key '{key}'.{extra}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: bad value for '{e.full_key}': {e.msg}") from None
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML (shipped name or path) <- dotlist overrides, validated.
+
+    Raises:
+        ConfigError: naming the key for unknown keys, wrong types and bad values.
+    """
+    cfg = OmegaConf.structured(Config)
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-5")
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. inside a Ray worker)."""
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), d, "config dict"))  # type: ignore[return-value]
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an output (local directories)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / name
+    out.write_text(to_yaml(cfg))
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.task": ("gsm8k", "math", "arith"),
+    "data.on_bad_row": ("error", "skip"),
+    "train.algo": ("astar_po", "grpo"),
+    "train.placement": ("colocate", "separate"),
+    "resources.device": ("auto", "cpu", "cuda"),
+}
+
+
+def is_local_path(s: str) -> bool:
+    """A model/data location that must exist on disk (vs a hub id or a URI)."""
+    if "://" in s or s.startswith("hf:"):
+        return False
+    return s.startswith(("/", ".", "~")) or os.path.exists(s) or not _HUB_ID.match(s)
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _positive(cfg: Config, key: str, value: float, allow_zero: bool = False) -> None:
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values and relations between keys. Raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            _fail(key, f"must be one of {choices}, got {value!r}")
+
+    if cfg.model.path != TINY_MODEL and is_local_path(cfg.model.path):
+        if not Path(cfg.model.path).expanduser().exists():
+            _fail("model.path", f"model directory {cfg.model.path!r} does not exist")
+    for key, src in (("data.train_source", cfg.data.train_source), ("data.eval_source", cfg.data.eval_source)):
+        if src == "synthetic":
+            if cfg.data.task != "arith":
+                _fail(key, "'synthetic' prompts exist only for data.task=arith")
+        elif is_local_path(src) and not Path(src).expanduser().exists():
+            _fail(key, f"prompt file {src!r} does not exist")
+
+    if cfg.vstar.num_samples < 1:
+        _fail("vstar.num_samples", f"N must be >= 1, got {cfg.vstar.num_samples}")
+    b1 = cfg.vstar.beta1
+    if math.isnan(b1) or b1 <= 0:
+        _fail("vstar.beta1", f"must be > 0 (or .inf for a plain mean), got {b1}")
+    if cfg.vstar.min_actors < 1 or cfg.vstar.max_actors < cfg.vstar.min_actors:
+        _fail("vstar.max_actors", "need 1 <= vstar.min_actors <= vstar.max_actors")
+    for key in ("vstar.shard_size", "vstar.batch_size"):
+        _positive(cfg, key, getattr(cfg.vstar, key.split(".")[1]))
+
+    s = cfg.sampling
+    _positive(cfg, "sampling.temperature", s.temperature, allow_zero=True)
+    if not 0 < s.top_p <= 1:
+        _fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _positive(cfg, "sampling.max_tokens", s.max_tokens)
+    _positive(cfg, "sampling.max_prompt_tokens", s.max_prompt_tokens)
+
+    t = cfg.train
+    for key in ("beta2", "lr", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "num_learners", "group_size"):
+        _positive(cfg, f"train.{key}", getattr(t, key))
+    for key in ("weight_decay", "grad_clip", "entropy_coef", "kl_coef", "clip_eps", "warmup_steps", "num_steps"):
+        _positive(cfg, f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.zero_stage not in (0, 1, 2, 3):
+        _fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.rollout_batch_size % t.mini_batch_size:
+        _fail("train.mini_batch_size", f"{t.mini_batch_size} must divide train.rollout_batch_size={t.rollout_batch_size}")
+    seqs_per_mini = t.mini_batch_size * (t.group_size if t.algo == "grpo" else 1)
+    if seqs_per_mini % (t.num_learners * t.micro_batch_size):
+        _fail(
+            "train.micro_batch_size",
+            f"sequences per mini-batch ({seqs_per_mini}) must split evenly into "
+            f"train.num_learners ({t.num_learners}) x train.micro_batch_size ({t.micro_batch_size})",
+        )
+    if t.save_every < 1:
+        _fail("train.save_every", f"must be >= 1, got {t.save_every}")
+    if t.keep_checkpoints < 1:
+        _fail("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    if cfg.eval.k < 1:
+        _fail("eval.k", f"must be >= 1, got {cfg.eval.k}")
+    if not 0 < cfg.engine.gpu_memory_utilization <= 1:
+        _fail("engine.gpu_memory_utilization", "must be in (0, 1]")
