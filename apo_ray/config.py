@@ -206,8 +206,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     hint = difflib.get_close_matches(name_or_path, shipped_configs(), n=1)
     extra = f" Did you mean '{hint[0]}'?" if hint else ""
     raise ConfigError(
-        f"--config {name_or_path!r}: no such file, and not a shipped config "
-        f"({', '.join(shipped_configs())}).{extra}"
+        f"--config {name_or_path!r}: no such file, and not a shipped config ({', '.join(shipped_configs())}).{extra}"
     )
 
 
@@ -340,14 +339,24 @@ def validate(cfg: Config) -> None:
     _positive(cfg, "sampling.max_prompt_tokens", s.max_prompt_tokens)
 
     t = cfg.train
-    for key in ("beta2", "lr", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "num_learners", "group_size"):
+    for key in (
+        "beta2",
+        "lr",
+        "rollout_batch_size",
+        "mini_batch_size",
+        "micro_batch_size",
+        "num_learners",
+        "group_size",
+    ):
         _positive(cfg, f"train.{key}", getattr(t, key))
     for key in ("weight_decay", "grad_clip", "entropy_coef", "kl_coef", "clip_eps", "warmup_steps", "num_steps"):
         _positive(cfg, f"train.{key}", getattr(t, key), allow_zero=True)
     if t.zero_stage not in (0, 1, 2, 3):
         _fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     if t.rollout_batch_size % t.mini_batch_size:
-        _fail("train.mini_batch_size", f"{t.mini_batch_size} must divide train.rollout_batch_size={t.rollout_batch_size}")
+        _fail(
+            "train.mini_batch_size", f"{t.mini_batch_size} must divide train.rollout_batch_size={t.rollout_batch_size}"
+        )
     seqs_per_mini = t.mini_batch_size * (t.group_size if t.algo == "grpo" else 1)
     if seqs_per_mini % (t.num_learners * t.micro_batch_size):
         _fail(

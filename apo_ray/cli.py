@@ -1,0 +1,100 @@
+"""The `apo-ray` console script and the argument handling shared by jobs/*.py.
+
+    apo-ray vstar --config demo vstar.num_samples=4      # Stage 1
+    apo-ray train --config demo train.num_steps=20       # Stage 2
+    apo-ray eval  --config demo eval.model_path=runs/demo/train/final
+    apo-ray demo  --config demo                          # the whole pipeline on this machine
+    apo-ray make-tiny-model OUT [--no-sft]
+    apo-ray export CHECKPOINT_DIR OUT                    # a training checkpoint -> HF model directory
+    apo-ray configs                                      # list shipped configs
+    apo-ray show-config --config demo [overrides]        # print the resolved config
+
+Heavy libraries (torch, vllm, deepspeed, ray) are imported only by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+JOBS = {
+    "vstar": ("apo_ray.vstar", "Stage 1: sample the reference policy, write V* shards"),
+    "train": ("apo_ray.train", "Stage 2: A*-PO (or GRPO) with Ray Train + DeepSpeed + vLLM"),
+    "eval": ("apo_ray.eval", "Evaluate a model: greedy accuracy, pass@k, KL to the reference"),
+    "demo": ("apo_ray.demo", "The whole pipeline on this machine, with a report"),
+}
+KNOWN_ERRORS = ("ConfigError", "DataError", "OutputLockedError", "VStarMismatchError")
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", default=None, help="a shipped config name (e.g. demo) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-5 vstar.num_samples=4")
+    return p
+
+
+def run_job(name: str, argv: list[str] | None = None) -> int:
+    """Parse `--config` + overrides, load and validate the config, run the job's `run(cfg)`."""
+    module, description = JOBS[name]
+    args = job_parser(f"apo-ray {name}", description).parse_args(argv)
+    from apo_ray.utils import setup_logging
+
+    setup_logging()
+    try:
+        from apo_ray.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        importlib.import_module(module).run(cfg)
+    except Exception as e:  # known user errors: one clear line, no traceback
+        if type(e).__name__ in KNOWN_ERRORS:
+            print(f"apo-ray {name}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(
+        prog="apo-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, (_, desc) in JOBS.items():
+        sub.add_parser(name, help=desc, add_help=False)
+    tiny = sub.add_parser("make-tiny-model", help="build the project's tiny Qwen2 model + tokenizer")
+    tiny.add_argument("out")
+    tiny.add_argument("--no-sft", action="store_true", help="random weights (no warm-start SFT)")
+    exp = sub.add_parser("export", help="write a HF model directory from a training checkpoint")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out")
+    sub.add_parser("configs", help="list shipped configs")
+    sub.add_parser("show-config", help="print the resolved config", add_help=False)
+    if argv and argv[0] in JOBS:
+        return run_job(argv[0], argv[1:])
+    if argv and argv[0] == "show-config":
+        from apo_ray.config import load_config, to_yaml
+
+        args = job_parser("apo-ray show-config", "print the resolved config").parse_args(argv[1:])
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+        return 0
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "make-tiny-model":
+        from apo_ray.model.tiny import build_tiny_model
+
+        print(build_tiny_model(args.out, sft=not args.no_sft))
+    elif args.cmd == "export":
+        from apo_ray.train.checkpoint import export_checkpoint
+
+        print(export_checkpoint(args.checkpoint, args.out))
+    elif args.cmd == "configs":
+        from apo_ray.config import shipped_configs
+
+        print("\n".join(shipped_configs()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

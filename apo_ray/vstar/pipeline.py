@@ -1,0 +1,494 @@
+"""Stage 1: estimate V*(x) from N reference-policy samples per prompt, as a Ray Data job.
+
+    python jobs/vstar.py --config demo [key=value ...]
+    ray job submit --working-dir . -- python jobs/vstar.py --config gsm8k_qwen2.5_1.5b
+
+The prompt set is cut into fixed shards of `vstar.shard_size` prompts (in dataset
+order). The shards form a Ray Dataset that `map_batches` fans over an autoscaling
+pool of `ShardSampler` actors (`ActorPoolStrategy(min_size, max_size)`), each owning
+one vLLM engine. An actor samples N completions per prompt in one request
+(`SamplingParams(n=N)`), scores them with the reward function, computes
+V* = beta1 * (logsumexp(r / beta1) - log N) with `apo_ray.algo.vstar`, and writes
+the shard's parquet file itself. The shard is the unit of work and of resume:
+
+- shard names are deterministic (`shard-00003.parquet`), written atomically (the
+  parquet file is the commit point, its stats sidecar is written first);
+- re-running the same command redoes only missing shards, so the output never
+  holds a prompt twice; a finished output is not recomputed unless vstar.overwrite;
+- `plan.json` pins what the shards were computed with; a different config on the
+  same directory is refused rather than mixed;
+- `.lock` keeps a second job from writing the same directory.
+
+Departures from the paper's code: the same reward function scores Stage 1 and
+Stage 2 (the official code uses a looser GSM8K extractor in Stage 1); we do not use
+`ray.data.llm` because its vLLM stage keeps only the first completion when n > 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from apo_ray.config import Config, ConfigError, to_dict, to_yaml
+from apo_ray.utils import (
+    check_model_dir,
+    check_writable,
+    fs_exists,
+    fs_read_json,
+    fs_write_bytes,
+    fs_write_json,
+    get_fs,
+    host_and_pid,
+    init_ray,
+    pid_alive,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    versions,
+    worker_env,
+)
+
+log = logging.getLogger("apo_ray.vstar")
+
+LOCK_STALE_S = 120.0  # a lock whose heartbeat is older than this (and whose pid is gone) is stale
+
+
+class OutputLockedError(RuntimeError):
+    pass
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def stats_name(i: int) -> str:
+    return f"_stats/shard-{i:05d}.json"
+
+
+@dataclass(frozen=True)
+class Stage1Plan:
+    """Values derived from the config for one Stage 1 run (never written back into it)."""
+
+    model_path: str
+    dtype: str
+    device: str
+    reward_fn: str
+    max_model_len: int
+    num_shards: int
+    plan_hash: str
+
+
+# ---------------------------------------------------------------- the actor
+
+
+class ShardSampler:
+    """Ray Data callable class: one vLLM engine; each input row is one shard to sample, score and write."""
+
+    def __init__(self, cfg_dict: dict, plan: Stage1Plan, out_uri: str):
+        from apo_ray.config import config_from_dict
+        from apo_ray.rewards import get_reward_fn
+        from apo_ray.rollout.engine import RolloutEngine
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.plan = plan
+        self.fs, self.out = get_fs(out_uri)
+        self.reward_fn = get_reward_fn(plan.reward_fn)
+        e = self.cfg.engine
+        self.engine = RolloutEngine(
+            plan.model_path,
+            dtype=plan.dtype,
+            max_model_len=plan.max_model_len,
+            seed=self.cfg.sampling.seed,
+            tensor_parallel_size=e.tensor_parallel_size,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            enforce_eager=e.enforce_eager,
+            max_num_seqs=e.max_num_seqs,
+        )
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+        self._metrics = _stage1_metrics()
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"shard": [], "prompts": [], "rows": [], "tokens": [], "seconds": []}
+        for i, shard in enumerate(batch["shard"]):
+            stats = self._do_shard(
+                int(shard), list(batch["prompt_id"][i]), list(batch["prompt"][i]), list(batch["answer"][i])
+            )
+            for k in out:
+                out[k].append(stats[k])
+        return out
+
+    def _do_shard(self, shard: int, ids: list[str], prompts: list[str], answers: list[str]) -> dict:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from apo_ray.algo import vstar
+
+        cfg, s = self.cfg, self.cfg.sampling
+        t0 = time.perf_counter()
+        n = cfg.vstar.num_samples
+        keep = [j for j, p in enumerate(prompts) if len(self.tokenizer(p)["input_ids"]) <= s.max_prompt_tokens]
+        too_long = [ids[j] for j in range(len(ids)) if j not in set(keep)]
+        rewards, completions, tokens, errors, first_error = [], [], 0, 0, None
+        bs = cfg.vstar.batch_size
+        for c0 in range(0, len(keep), bs):
+            chunk = keep[c0 : c0 + bs]
+            results = self.engine.generate(
+                [prompts[j] for j in chunk],
+                n=n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                seed=s.seed + shard * cfg.vstar.shard_size + c0,  # engine adds the prompt's index in the call
+            )
+            for j, res in zip(chunk, results):
+                row = []
+                for comp in res.completions:
+                    tokens += len(comp.token_ids)
+                    try:
+                        r = float(self.reward_fn(comp.text, answers[j]))
+                    except Exception as e:  # noqa: BLE001 - a failing reward is counted, scored 0, and logged once
+                        r, errors = 0.0, errors + 1
+                        if first_error is None:
+                            first_error = f"prompt {ids[j]}: {type(e).__name__}: {e}"
+                            log.warning("reward function %s raised (scored 0): %s", self.plan.reward_fn, first_error)
+                    row.append(r)
+                rewards.append(row)
+                completions.append([c.text for c in res.completions])
+        r_PN = np.asarray(rewards, dtype=np.float64).reshape(len(keep), n)
+        v_P = vstar(r_PN, cfg.vstar.beta1) if len(keep) else np.zeros(0)
+        solvable = r_PN.max(axis=1) > 0 if len(keep) else np.zeros(0, dtype=bool)
+        rows = [k for k in range(len(keep)) if solvable[k] or not cfg.vstar.filter_unsolvable]
+        filtered = [ids[keep[k]] for k in range(len(keep)) if k not in set(rows)]
+        cols = {
+            "prompt_id": pa.array([ids[keep[k]] for k in rows], pa.string()),
+            "prompt": pa.array([prompts[keep[k]] for k in rows], pa.string()),
+            "answer": pa.array([answers[keep[k]] for k in rows], pa.string()),
+            "rewards": pa.array([r_PN[k].tolist() for k in rows], pa.list_(pa.float64())),
+            "vstar": pa.array([float(v_P[k]) for k in rows], pa.float64()),
+            "pass_rate": pa.array([float(r_PN[k].mean()) for k in rows], pa.float64()),
+        }
+        if cfg.vstar.keep_completions:
+            cols["completions"] = pa.array([completions[k] for k in rows], pa.list_(pa.string()))
+        seconds = time.perf_counter() - t0
+        stats = {
+            "shard": shard,
+            "prompts": len(ids),
+            "rows": len(rows),
+            "filtered_prompt_ids": filtered,
+            "too_long_prompt_ids": too_long,
+            "reward_errors": errors,
+            "first_reward_error": first_error,
+            "completions": len(keep) * n,
+            "tokens": tokens,
+            "reward_sum": float(r_PN.sum()),
+            "seconds": seconds,
+        }
+        # The stats sidecar first, the parquet file last: a shard counts as done iff its parquet file exists.
+        fs_write_json(self.fs, f"{self.out}/{stats_name(shard)}", stats)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(cols), sink)
+        fs_write_bytes(self.fs, f"{self.out}/{shard_name(shard)}", sink.getvalue().to_pybytes())
+        self._metrics.record(len(ids), len(keep) * n, tokens, seconds, float(r_PN.mean()) if len(keep) else 0.0)
+        return stats
+
+
+class _Stage1Metrics:
+    """Ray dashboard metrics (ray.util.metrics), exported by every sampler actor."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Gauge
+
+        self.prompts = Counter("apo_vstar_prompts_done", description="Stage 1 prompts sampled and scored")
+        self.completions = Counter("apo_vstar_completions", description="Stage 1 completions generated")
+        self.tokens_per_s = Gauge("apo_vstar_tokens_per_s", description="Stage 1 generated tokens/s (last shard)")
+        self.reward_mean = Gauge("apo_vstar_reward_mean", description="Stage 1 mean reward (last shard)")
+
+    def record(self, prompts: int, completions: int, tokens: int, seconds: float, reward_mean: float) -> None:
+        self.prompts.inc(prompts)
+        if completions:
+            self.completions.inc(completions)
+        self.tokens_per_s.set(tokens / max(seconds, 1e-9))
+        self.reward_mean.set(reward_mean)
+
+
+def _stage1_metrics() -> _Stage1Metrics:
+    return _Stage1Metrics()
+
+
+# ---------------------------------------------------------------- the lock
+
+
+class OutputLock:
+    """`.lock` in the output directory, with a heartbeat. A second writer is refused while the
+    holder's process is alive (same host) or its heartbeat is fresh (other hosts, object stores)."""
+
+    def __init__(self, fs, out: str, uri: str):
+        self.fs, self.path, self.uri = fs, f"{out}/.lock", uri
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        me = host_and_pid()
+        if fs_exists(self.fs, self.path):
+            try:
+                other = fs_read_json(self.fs, self.path)
+            except Exception:  # noqa: BLE001 - unreadable lock: treat as stale
+                other = {}
+            alive = other.get("host") == me["host"] and pid_alive(int(other.get("pid", -1)))
+            fresh = other.get("host") != me["host"] and time.time() - float(other.get("time", 0)) < LOCK_STALE_S
+            if alive or fresh:
+                raise OutputLockedError(
+                    f"vstar.output_dir {self.uri!r} is being written by another job "
+                    f"(host {other.get('host')}, pid {other.get('pid')}); wait for it or use another directory. "
+                    f"If that job is dead, delete {self.path}."
+                )
+            log.warning(
+                "taking over a stale lock in %s (host %s, pid %s)", self.uri, other.get("host"), other.get("pid")
+            )
+        fs_write_json(self.fs, self.path, me)
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_STALE_S / 4):
+            fs_write_json(self.fs, self.path, host_and_pid())
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            self.fs.delete_file(self.path)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def make_plan(cfg: Config, model_path: str, device: str, fingerprint: str, num_prompts: int) -> tuple[Stage1Plan, dict]:
+    """The derived plan, and the settings it pins (their hash names the plan)."""
+    from apo_ray.rewards import reward_fn_name
+
+    reward = reward_fn_name(cfg.data.task, cfg.reward.fn)
+    v = cfg.vstar
+    pinned = {
+        "model": model_path,
+        "num_samples": v.num_samples,
+        "beta1": repr(v.beta1),
+        "sampling": to_dict(cfg)["sampling"],
+        "reward_fn": reward,
+        "dataset_fingerprint": fingerprint,
+        "shard_size": v.shard_size,
+        "filter_unsolvable": v.filter_unsolvable,
+        "keep_completions": v.keep_completions,
+    }
+    plan = Stage1Plan(
+        model_path=model_path,
+        dtype=resolve_dtype(cfg.model.dtype, device),
+        device=device,
+        reward_fn=reward,
+        max_model_len=cfg.sampling.max_prompt_tokens + cfg.sampling.max_tokens,
+        num_shards=(num_prompts + v.shard_size - 1) // v.shard_size,
+        plan_hash=hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:16],
+    )
+    return plan, pinned
+
+
+def _prepare_output(fs, out: str, uri: str, plan: Stage1Plan, pinned: dict, overwrite: bool) -> set[int]:
+    """Check plan.json against this run; return the shards already done."""
+    plan_path = f"{out}/plan.json"
+    if overwrite:
+        for name in [shard_name(i) for i in range(plan.num_shards)] + ["manifest.json", "plan.json"]:
+            if fs_exists(fs, f"{out}/{name}"):
+                fs.delete_file(f"{out}/{name}")
+        if fs_exists(fs, f"{out}/_stats"):
+            fs.delete_dir(f"{out}/_stats")
+    if fs_exists(fs, plan_path):
+        old = fs_read_json(fs, plan_path)
+        if old.get("plan_hash") != plan.plan_hash:
+            changed = sorted(k for k in pinned if old.get("pinned", {}).get(k) != pinned[k])
+            raise ConfigError(
+                f"vstar.output_dir {uri!r} holds V* computed with a different configuration "
+                f"(differs in: {', '.join(changed) or 'unknown'}). Use vstar.overwrite=true or another directory."
+            )
+    else:
+        fs_write_json(fs, plan_path, {"plan_hash": plan.plan_hash, "pinned": pinned})
+    fs.create_dir(f"{out}/_stats", recursive=True)
+    return {i for i in range(plan.num_shards) if fs_exists(fs, f"{out}/{shard_name(i)}")}
+
+
+def run(cfg: Config) -> dict:
+    """Run Stage 1 end to end; returns the manifest (also written to vstar.output_dir/manifest.json)."""
+    from apo_ray.data import load_prompts
+
+    t_start = time.time()
+    uri = cfg.vstar.output_dir
+    fs, out = get_fs(uri)
+    check_writable(fs, out, "vstar.output_dir")  # fail before any actor starts
+    model_path = resolve_model(cfg.model.path)
+    check_model_dir(model_path)
+    prompts = load_prompts(cfg.data, "train")
+    if prompts.skipped:
+        log.warning("skipped %d bad prompt rows (data.on_bad_row=skip)", prompts.skipped)
+
+    lock = OutputLock(fs, out, uri)
+    lock.acquire()
+    try:
+        init_ray(cfg.resources)
+        device = resolve_device(cfg.resources)
+        plan, pinned = make_plan(cfg, model_path, device, prompts.fingerprint, len(prompts))
+        if fs_exists(fs, f"{out}/manifest.json") and not cfg.vstar.overwrite:
+            manifest = fs_read_json(fs, f"{out}/manifest.json")
+            if manifest.get("plan_hash") == plan.plan_hash and manifest.get("complete"):
+                rows = manifest["counts"]["rows_written"]
+                log.info("V* already complete in %s (%d rows); vstar.overwrite=true recomputes", uri, rows)
+                return manifest
+        done = _prepare_output(fs, out, uri, plan, pinned, cfg.vstar.overwrite)
+        fs_write_bytes(fs, f"{out}/config.yaml", to_yaml(cfg).encode())
+        todo = [i for i in range(plan.num_shards) if i not in done]
+        log.info(
+            "Stage 1: %d prompts, %d shards (%d already done), N=%d, model %s on %s",
+            len(prompts),
+            plan.num_shards,
+            len(done),
+            cfg.vstar.num_samples,
+            model_path,
+            device,
+        )
+        t_gen = time.time()
+        if todo:
+            _run_shards(cfg, plan, uri, prompts.rows, todo, device)
+        gen_s = time.time() - t_gen
+        manifest = _write_manifest(cfg, plan, fs, out, prompts, t_start, gen_s)
+    finally:
+        lock.release()
+    log.info(
+        "Stage 1 done: %d rows in %s (%.1f s, %.1f prompts/s, %.0f tokens/s)",
+        manifest["counts"]["rows_written"],
+        uri,
+        manifest["wall_time_s"],
+        manifest["prompts_per_s"],
+        manifest["generated_tokens_per_s"],
+    )
+    return manifest
+
+
+def _run_shards(cfg: Config, plan: Stage1Plan, uri: str, rows: list[dict], todo: list[int], device: str) -> None:
+    import ray
+
+    size = cfg.vstar.shard_size
+    items = []
+    for i in todo:
+        part = rows[i * size : (i + 1) * size]
+        items.append(
+            {
+                "shard": i,
+                "prompt_id": [r["prompt_id"] for r in part],
+                "prompt": [r["prompt"] for r in part],
+                "answer": [r["answer"] for r in part],
+            }
+        )
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    remote_args: dict = {"runtime_env": {"env_vars": worker_env(cfg, device)}}
+    tp = cfg.engine.tensor_parallel_size
+    if device == "cuda":
+        # TP > 1: the engine uses vLLM's Ray executor, which reserves its own GPUs (untested here).
+        remote_args.update(num_gpus=1 if tp == 1 else 0, num_cpus=1)
+    else:
+        remote_args.update(num_cpus=cfg.resources.cpus_per_actor)
+    results = ds.map_batches(
+        ShardSampler,
+        fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "plan": plan, "out_uri": uri},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.vstar.min_actors, max_size=cfg.vstar.max_actors),
+        **remote_args,
+    )
+    total = sum(len(it["prompt_id"]) for it in items)
+    done = tokens = 0
+    t0 = last = time.time()
+    for row in results.iter_rows():
+        done += int(row["prompts"])
+        tokens += int(row["tokens"])
+        now = time.time()
+        if now - last >= cfg.vstar.log_every_s or done == total:
+            last = now
+            log.info(
+                "Stage 1 progress: %d/%d prompts (%.1f%%), %.1f prompts/s, %.0f tokens/s",
+                done,
+                total,
+                100 * done / max(total, 1),
+                done / (now - t0),
+                tokens / (now - t0),
+            )
+
+
+def _write_manifest(cfg: Config, plan: Stage1Plan, fs, out: str, prompts, t_start: float, gen_s: float) -> dict:
+    counts = {
+        "prompts_in": len(prompts),
+        "bad_rows_skipped": prompts.skipped,
+        "rows_written": 0,
+        "filtered": 0,
+        "too_long": 0,
+        "reward_errors": 0,
+        "completions": 0,
+        "generated_tokens": 0,
+    }
+    filtered_ids, too_long_ids, first_error, reward_sum, shard_seconds = [], [], None, 0.0, 0.0
+    for i in range(plan.num_shards):
+        st = fs_read_json(fs, f"{out}/{stats_name(i)}")
+        counts["rows_written"] += st["rows"]
+        counts["reward_errors"] += st["reward_errors"]
+        counts["completions"] += st["completions"]
+        counts["generated_tokens"] += st["tokens"]
+        filtered_ids += st["filtered_prompt_ids"]
+        too_long_ids += st["too_long_prompt_ids"]
+        first_error = first_error or st["first_reward_error"]
+        reward_sum += st["reward_sum"]
+        shard_seconds += st["seconds"]
+    counts["filtered"], counts["too_long"] = len(filtered_ids), len(too_long_ids)
+    wall = time.time() - t_start
+    s = cfg.sampling
+    manifest = {
+        "complete": True,
+        "plan_hash": plan.plan_hash,
+        "model": plan.model_path,
+        "dtype": plan.dtype,
+        "device": plan.device,
+        "num_samples": cfg.vstar.num_samples,
+        "beta1": cfg.vstar.beta1 if cfg.vstar.beta1 != float("inf") else "inf",
+        "sampling": {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "max_prompt_tokens": s.max_prompt_tokens,
+            "seed": s.seed,
+        },
+        "reward_fn": plan.reward_fn,
+        "dataset": {
+            "task": cfg.data.task,
+            "source": prompts.source,
+            "split": cfg.data.train_split,
+            "fingerprint": prompts.fingerprint,
+        },
+        "filter_unsolvable": cfg.vstar.filter_unsolvable,
+        "counts": counts,
+        "reward_mean": reward_sum / max(counts["completions"], 1),
+        "first_reward_error": first_error,
+        "filtered_prompt_ids": filtered_ids,
+        "too_long_prompt_ids": too_long_ids,
+        "shards": [shard_name(i) for i in range(plan.num_shards)],
+        "wall_time_s": wall,
+        "generation_wall_time_s": gen_s,
+        "prompts_per_s": counts["prompts_in"] / max(wall, 1e-9),
+        "generated_tokens_per_s": counts["generated_tokens"] / max(wall, 1e-9),
+        "versions": versions(),
+        "config": to_dict(cfg),
+    }
+    fs_write_json(fs, f"{out}/manifest.json", manifest)
+    return manifest
