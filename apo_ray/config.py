@@ -125,6 +125,9 @@ class TrainConfig:
     vstar_dir: str = "runs/vstar"
     output_dir: str = "runs/train"
     num_steps: int = 100
+    # Stop early once this many seconds of training have elapsed (None: no limit); the
+    # A*-PO vs GRPO comparison gives both the same wall-clock budget this way.
+    max_train_seconds: Optional[float] = None
     rollout_batch_size: int = 256  # prompts per step
     mini_batch_size: int = 128  # prompts per optimizer step
     micro_batch_size: int = 8  # sequences per forward/backward per learner

@@ -258,7 +258,11 @@ def train_loop(config: dict) -> None:
                     metrics["train_s"],
                     metrics["sync_s"],
                 )
-        _report(cfg, learner, step, time_s, metrics)
+        out_of_time = _any_rank(cfg.train.max_train_seconds is not None and time_s >= cfg.train.max_train_seconds)
+        _report(cfg, learner, step, time_s, metrics, force_checkpoint=out_of_time)
+        if out_of_time:
+            log.info("rank %d: train.max_train_seconds reached after step %d", rank, step)
+            break
 
     learner.save_hf(str(Path(plan.output_dir) / "final"))
     if logger is not None:
@@ -363,6 +367,18 @@ def _mean_over_ranks(values: dict[str, float], device: str) -> dict[str, float]:
     return dict(zip(keys, vec.tolist()))
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (so all ranks stop at the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _quick_eval(engine, rows: list[dict], reward_fn, cfg: Config) -> dict:
     """Greedy accuracy of the current policy on the held-out set, on the (already synced) replica."""
     import ray
@@ -380,13 +396,13 @@ def _quick_eval(engine, rows: list[dict], reward_fn, cfg: Config) -> dict:
     return {"eval_accuracy": correct / max(len(rows), 1), "eval_s": time.perf_counter() - t0}
 
 
-def _report(cfg: Config, learner, step: int, time_s: float, metrics: dict) -> None:
+def _report(cfg: Config, learner, step: int, time_s: float, metrics: dict, force_checkpoint: bool = False) -> None:
     import tempfile
 
     import ray.train
     from ray.train import Checkpoint
 
-    if step % cfg.train.save_every and step != cfg.train.num_steps:
+    if step % cfg.train.save_every and step != cfg.train.num_steps and not force_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="apo-ckpt-") as d:

