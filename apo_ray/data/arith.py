@@ -46,7 +46,9 @@ def arith_problems(split: str, num: int, *, seed: int = 0, digits: int = 2, ops:
     want_eval = split in EVAL_SPLITS
     space = (10**digits) ** 2 * len(set(ops))
     if num > space // (5 if want_eval else 2):
-        raise ValueError(f"arith: {num} distinct {split} problems requested, only ~{space // 5} exist at digits={digits}")
+        raise ValueError(
+            f"arith: {num} distinct {split} problems requested, only ~{space // 5} exist at digits={digits}"
+        )
     rng = random.Random(f"apo-ray-arith-{seed}-{digits}-{ops}")
     out: list[dict] = []
     seen: set[str] = set()
