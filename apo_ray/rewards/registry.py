@@ -1,0 +1,96 @@
+"""Find a reward function by name: a built-in ("gsm8k", "math", "arith") or "package.module:function".
+
+Every job resolves `reward.fn` through `reward_fn_name` first, so Stage 1, Stage 2 and
+eval record the same string in their manifests, then builds the function with
+`get_reward_fn` inside the worker that scores (the string travels, not the function).
+A custom function has the same contract as the built-ins: `fn(completion, answer) -> float`,
+called on untrusted completions; it is returned as is, unwrapped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from collections.abc import Callable
+
+from apo_ray.rewards.arith import arith_reward
+from apo_ray.rewards.gsm8k import gsm8k_reward
+from apo_ray.rewards.math_reward import math_reward
+
+RewardFn = Callable[[str, str], float]
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "gsm8k": gsm8k_reward,
+    "math": math_reward,
+    "arith": arith_reward,
+}
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_CUSTOM_SPEC_RE = re.compile(rf"({_DOTTED}):({_DOTTED})")
+
+
+def _unknown_builtin(name: str, what: str, advice: str = "give your own as 'package.module:function'") -> ValueError:
+    builtins = ", ".join(BUILTIN_REWARDS)
+    close = difflib.get_close_matches(name.lower(), list(BUILTIN_REWARDS), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown {what} {name!r}: built-in rewards are {builtins}, or {advice}{hint}")
+
+
+def _check_spec(name: object) -> str:
+    """The spec, stripped; ValueError unless it is a built-in name or well-formed 'module:function'."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"reward fn must be a non-empty string, got {name!r}")
+    name = name.strip()
+    if ":" in name:
+        if _CUSTOM_SPEC_RE.fullmatch(name) is None:
+            raise ValueError(f"reward fn {name!r}: expected 'package.module:function'")
+    elif name not in BUILTIN_REWARDS:
+        raise _unknown_builtin(name, "reward fn")
+    return name
+
+
+def reward_fn_name(task: str, fn: str | None) -> str:
+    """The reward spec a job uses and records: `fn` if set, else the built-in reward of `task`.
+
+    Only the spelling is checked here (a custom module is imported by `get_reward_fn`).
+
+    Args:
+        task: data.task ("gsm8k", "math", "arith").
+        fn: reward.fn from the config: None, a built-in name or "package.module:function".
+    """
+    if fn is None:
+        if task not in BUILTIN_REWARDS:
+            raise _unknown_builtin(task, "task", "set reward.fn to 'package.module:function'")
+        return task
+    return _check_spec(fn)
+
+
+def _load_custom(spec: str) -> RewardFn:
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward fn {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ValueError(f"reward fn {spec!r}: {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise ValueError(f"reward fn {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """The reward function `fn(completion, answer) -> float` named by `name`.
+
+    Args:
+        name: "gsm8k", "math", "arith", or "package.module:function" (imported here).
+
+    Raises:
+        ValueError: an unknown built-in (with the closest match), a module that does not
+            import, a missing attribute, or one that is not callable.
+    """
+    spec = _check_spec(name)
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    return _load_custom(spec)
