@@ -223,7 +223,7 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, origin: str, key_hint: str | None = None) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
@@ -232,7 +232,9 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         extra = f" Did you mean '{hint[0]}'?" if hint else ""
         raise ConfigError(f"{origin}: unknown config key '{key}'.{extra}") from None
     except ValidationError as e:
-        raise ConfigError(f"{origin}: bad value for '{e.full_key}': {e.msg}") from None
+        msg = (e.msg or str(e)).splitlines()[0] if (e.msg or str(e)) else "invalid value"
+        key = e.full_key or key_hint or "?"
+        raise ConfigError(f"{origin}: bad value for '{key}': {msg}") from None
 
 
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -249,7 +251,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-5")
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", key_hint=item.split("=", 1)[0])
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
     return obj
@@ -302,7 +304,7 @@ def _fail(key: str, msg: str) -> None:
 
 
 def _positive(cfg: Config, key: str, value: float, allow_zero: bool = False) -> None:
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not allow_zero):
         _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -321,7 +323,7 @@ def validate(cfg: Config) -> None:
         if src == "synthetic":
             if cfg.data.task != "arith":
                 _fail(key, "'synthetic' prompts exist only for data.task=arith")
-        elif is_local_path(src) and not Path(src).expanduser().exists():
+        elif not src.startswith("hf:") and "://" not in src and not Path(src).expanduser().exists():
             _fail(key, f"prompt file {src!r} does not exist")
 
     if cfg.vstar.num_samples < 1:
@@ -367,6 +369,17 @@ def validate(cfg: Config) -> None:
             f"sequences per mini-batch ({seqs_per_mini}) must split evenly into "
             f"train.num_learners ({t.num_learners}) x train.micro_batch_size ({t.micro_batch_size})",
         )
+    if t.mini_batch_size % t.num_learners:
+        _fail(
+            "train.mini_batch_size",
+            f"{t.mini_batch_size} prompts must split evenly over train.num_learners={t.num_learners}",
+        )
+    for key, value in (
+        ("engine.tensor_parallel_size", cfg.engine.tensor_parallel_size),
+        ("eval.num_actors", cfg.eval.num_actors),
+    ):
+        if value < 1:
+            _fail(key, f"must be >= 1, got {value}")
     if t.save_every < 1:
         _fail("train.save_every", f"must be >= 1, got {t.save_every}")
     if t.keep_checkpoints < 1:

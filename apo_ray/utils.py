@@ -57,7 +57,7 @@ def init_ray(res: ResourcesConfig) -> str:
         ray.init(address=address, log_to_driver=True)
         return "cluster"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=res.num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=res.num_cpus, log_to_driver=True)
     return "local"
 
 
