@@ -320,7 +320,17 @@ def _prepare_output(fs, out: str, uri: str, plan: Stage1Plan, pinned: dict, over
     else:
         fs_write_json(fs, plan_path, {"plan_hash": plan.plan_hash, "pinned": pinned})
     fs.create_dir(f"{out}/_stats", recursive=True)
+    _remove_partial_writes(fs, out)
     return {i for i in range(plan.num_shards) if fs_exists(fs, f"{out}/{shard_name(i)}")}
+
+
+def _remove_partial_writes(fs, out: str) -> None:
+    """Delete temp files a crashed run left behind (local disks write tmp + rename)."""
+    import pyarrow.fs as pafs
+
+    for info in fs.get_file_info(pafs.FileSelector(out, recursive=True)):
+        if ".tmp-" in info.base_name:
+            fs.delete_file(info.path)
 
 
 def run(cfg: Config) -> dict:
