@@ -71,43 +71,12 @@ def gsm8k_answer(text: str) -> Optional[str]:
     return answer if _NUMBER.fullmatch(answer) else None
 
 
-def _closing_brace(text: str, open_at: int) -> Optional[int]:
-    """Index of the brace closing text[open_at] == "{"; escaped braces (\\{ \\}) do not count."""
-    depth, i = 0, open_at
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last \\boxed{...} (or \\fbox{...}) of `text`, braces matched.
+    """Content of the last \\boxed{...} / \\fbox{...} of a MATH solution (the reward module's extractor,
+    so references and completions are read the same way); None if there is none or it does not close."""
+    from apo_ray.rewards import extract_boxed
 
-    Also accepts the brace-less form "\\boxed 5" (up to the next "$"). Returns None if
-    there is no box or its braces do not close.
-    """
-    start, command = max((text.rfind(c), c) for c in _BOX_COMMANDS)
-    if start < 0:
-        return None
-    after = start + len(command)
-    i = after
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i < len(text) and text[i] == "{":
-        end = _closing_brace(text, i)
-        return None if end is None else text[i + 1 : end].strip()
-    if i > after:  # "\boxed 5$"
-        return text[i:].split("$", 1)[0].strip() or None
-    return None
+    return extract_boxed(text)
 
 
 def as_text(value: Any, what: str) -> str:

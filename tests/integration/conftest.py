@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from apo_ray.config import Config, load_config
-
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
@@ -32,7 +29,3 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
-
-
-def demo_config(*overrides: str) -> Config:
-    return load_config("demo", list(overrides))

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from .conftest import REPO
+from itest_utils import REPO
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent

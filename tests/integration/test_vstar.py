@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from itest_utils import REPO, demo_config
 
 from apo_ray.config import ConfigError
 from apo_ray.utils import host_and_pid
-
-from .conftest import REPO, demo_config
 
 pytestmark = pytest.mark.integration
 
