@@ -29,7 +29,6 @@ GSM8K_SUFFIX = ' Let\'s think step by step and output the final answer after "##
 MATH_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 _NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+")
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
 class RowProblem(ValueError):
