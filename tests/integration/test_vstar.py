@@ -151,6 +151,7 @@ def test_resume_after_killing_the_driver(tiny_model_dir, tmp_path):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
+        time.sleep(10)  # Ray workers sit outside the driver's process group: let them notice and die
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
