@@ -492,13 +492,12 @@ class Learner:
         """(HF state-dict name, full CPU tensor in the model dtype), every key of the HF state dict.
 
         A collective under ZeRO-3: every rank must exhaust the iterator (parameters are gathered
-        one module at a time); only rank 0 yields. Tied weights appear under each of their names.
+        one module at a time); every rank yields the full tensors (each rank feeds its own rollout replica). Tied weights appear under each of their names.
         """
         module = self.engine.module
         if self.cfg.zero_stage != 3:
-            if self.rank == 0:
-                for name, t in module.state_dict().items():
-                    yield name, t.detach().to("cpu", copy=True)
+            for name, t in module.state_dict().items():
+                yield name, t.detach().to("cpu", copy=True)
             return
         import deepspeed
 
@@ -508,9 +507,8 @@ class Learner:
             if not params and not buffers:
                 continue
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-                if self.rank == 0:
-                    for n, t in {**params, **buffers}.items():
-                        yield (f"{prefix}.{n}" if prefix else n), t.detach().to("cpu", copy=True)
+                for n, t in {**params, **buffers}.items():
+                    yield (f"{prefix}.{n}" if prefix else n), t.detach().to("cpu", copy=True)
 
     def save_hf(self, directory: str) -> None:
         """Write an HF model dir (config, safetensors, tokenizer files) loadable by transformers and vLLM.

@@ -443,7 +443,7 @@ def _make_engine(cfg: Config, plan: Stage2Plan, rank: int):
             enforce_eager=e.enforce_eager,
             max_num_seqs=e.max_num_seqs,
             enable_sleep_mode=plan.device == "cuda" and cfg.train.sleep_between_phases,
-            weight_sync=True,
+            weight_sync=plan.sync_backend,
         )
     )
     ray.get(actor.ready.remote())

@@ -1,0 +1,223 @@
+"""The rollout engine: one ``vllm.LLM`` that samples N completions per prompt and takes new weights.
+
+What: `RolloutEngine` is a plain class (Stage 1 samplers, Stage 2 rollout replicas and eval
+workers wrap it with ``ray.remote(...)`` where they create actors). ``generate`` sends one
+request per prompt with ``SamplingParams(n=N)`` and returns token ids, text, finish reason and
+the engine's log-prob of every sampled token. ``update_weights_from_file`` reloads weights
+from a safetensors file (the CPU data plane, see `worker_ext`); the GPU backends drive vLLM's
+native weight-transfer API through ``init_weight_transfer_engine`` / ``start_weight_update`` /
+``update_weights`` / ``finish_weight_update`` (see `weight_sync`).
+
+Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``: log-softmax of the
+logits after temperature (and top-k/top-p, which we leave off), i.e. log of pi(.|x)^(1/T)
+renormalised, which is what the learner computes (`apo_ray.algo.logprobs` with the same
+temperature). At temperature 1 and top_p 1 this equals vLLM's default "raw_logprobs". With
+top_p < 1 the engine's log-probs are renormalised over the nucleus and differ from the
+learner's; A*-PO uses top_p = 1.
+
+Seeds: prompt i gets ``seed + i * n``; vLLM gives the j-th of its n samples ``seed + i*n + j``,
+so every sample in a call has its own random stream and a call is reproducible.
+
+Devices: on vLLM-CPU set VLLM_CPU_KVCACHE_SPACE (GiB; we default it to 1) in the caller's
+environment; sleep mode is a no-op there. The GPU-only parts (sleep mode, the native
+weight-transfer engine) are written from the vLLM 0.32 sources and are not exercised by the
+CPU test suite; they are marked "GPU path" below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "apo_ray.rollout.worker_ext.WeightSyncExtension"
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # the engine's log-prob of each sampled token (empty if not requested)
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class PromptResult:
+    prompt_token_ids: list[int]
+    completions: list[Completion] = field(default_factory=list)  # n of them, in sample order
+
+
+def _sync_backend(weight_sync: bool | str, on_cpu: bool) -> str | None:
+    """Which weight-sync backend the engine is built for: None, "shm", "ipc" or "nccl"."""
+    if weight_sync is False or weight_sync is None:
+        return None
+    if weight_sync is True:
+        return "shm" if on_cpu else "ipc"
+    if weight_sync not in ("shm", "ipc", "nccl"):
+        raise ValueError(f"weight_sync must be a bool or one of shm|ipc|nccl, got {weight_sync!r}")
+    if on_cpu and weight_sync != "shm":
+        raise ValueError(f"weight_sync={weight_sync!r} needs GPUs; vLLM-CPU supports only 'shm'")
+    return weight_sync
+
+
+class RolloutEngine:
+    """A vLLM engine for sampling, with in-place weight updates.
+
+    Args:
+        model_path: HF model directory (or hub id) that vLLM loads.
+        dtype: "float32" | "bfloat16" | "float16" | "auto".
+        max_model_len: prompt + completion tokens.
+        seed: engine seed (used by requests that carry no seed of their own).
+        tensor_parallel_size, gpu_memory_utilization, enforce_eager, max_num_seqs: as in vLLM.
+        enable_sleep_mode: GPU only; lets ``sleep`` free GPU memory while a colocated learner trains.
+        weight_sync: False, or the backend the learner will push weights with: "shm" (file in
+            /dev/shm, CPU or GPU), "ipc" (colocated GPUs), "nccl" (separate GPUs). True means
+            "shm" on CPU and "ipc" on GPU.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.45,
+        enforce_eager: bool = False,
+        max_num_seqs: int = 256,
+        enable_sleep_mode: bool = False,
+        weight_sync: bool | str = False,
+    ):
+        t0 = time.perf_counter()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        self.sync_backend = _sync_backend(weight_sync, self.on_cpu)
+        kwargs: dict = dict(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            logprobs_mode="processed_logprobs",
+        )
+        if self.sync_backend is not None:
+            kwargs["worker_extension_cls"] = WORKER_EXTENSION
+        self.sleep_enabled = enable_sleep_mode and not self.on_cpu
+        if not self.on_cpu:
+            # GPU path (untested here): memory share, sleep mode, native weight transfer.
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+            if self.sync_backend in ("ipc", "nccl"):
+                kwargs["weight_transfer_config"] = {"backend": self.sync_backend}
+            if self.sync_backend == "ipc":
+                # The worker unpickles the CUDA IPC handles (`ipc_handles_pickled`) only with
+                # this set; worker processes inherit it from here.
+                os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from vllm import LLM
+
+        self.llm = LLM(**kwargs)
+        self.start_s = time.perf_counter() - t0
+        log.info("vLLM engine for %s ready in %.1f s (weight sync: %s)", model_path, self.start_s, self.sync_backend)
+
+    # ------------------------------------------------------------ sampling
+
+    def ready(self) -> bool:
+        return True
+
+    def tokenizer_eos_id(self) -> int | None:
+        return self.llm.get_tokenizer().eos_token_id
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core and worker processes now (otherwise they stop when this object is collected)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 64,
+        seed: int | None = None,
+        logprobs: bool = False,
+    ) -> list[PromptResult]:
+        """Sample ``n`` completions for each prompt (one vLLM request per prompt), in prompt order.
+
+        Args:
+            seed: None for the engine's stream; else prompt i uses ``seed + i * n`` (its samples
+                ``seed + i*n + j``), so equal arguments give equal results.
+            logprobs: also return the engine's log-prob of each sampled token (see module doc).
+        """
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=None if seed is None else seed + i * n,
+                logprobs=0 if logprobs else None,  # 0: only the sampled token's log-prob
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)] if logprobs else []
+                comps.append(Completion(text=c.text, token_ids=ids, logprobs=lps, finish_reason=str(c.finish_reason)))
+            results.append(PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=comps))
+        return results
+
+    # ------------------------------------------------------------ weights
+
+    def update_weights_from_file(self, path: str) -> None:
+        """Reload all weights from a safetensors file of the full HF state dict (same node)."""
+        if self.sync_backend is None:
+            raise RuntimeError("RolloutEngine was built with weight_sync=False; no worker extension to load weights")
+        self.llm.collective_rpc("apo_reload_from_file", args=(str(path),))
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    # GPU path: vLLM's native weight-transfer API (ipc / nccl), driven by `weight_sync`.
+    # Written from vllm/v1/worker/gpu_worker.py and vllm/v1/engine/async_llm.py; untested here.
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------ memory (GPU path)
+
+    def sleep(self, level: int = 1) -> None:
+        """Free GPU memory while the colocated learner trains (level 1: weights to CPU, KV cache dropped).
+
+        No-op on CPU or when built without ``enable_sleep_mode``.
+        """
+        if self.sleep_enabled:
+            self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        if self.sleep_enabled:
+            self.llm.wake_up()
