@@ -1,6 +1,9 @@
 """Reward functions used by the integration tests through reward.fn="helpers_rewards:NAME"."""
 
+import os
+import tempfile
 import time
+from pathlib import Path
 
 from apo_ray.rewards import get_reward_fn
 
@@ -17,4 +20,19 @@ def flaky_arith(completion: str, answer: str) -> float:
 def slow_arith(completion: str, answer: str) -> float:
     """The arith reward, slowed down so that a run can be interrupted part-way."""
     time.sleep(0.02)
+    return _arith(completion, answer)
+
+
+CRASH_STATE = Path(tempfile.gettempdir()) / "apo_ray_test_crash_once"
+
+
+def crash_once_after_200_calls(completion: str, answer: str) -> float:
+    """The arith reward; the 200th call ever (counted in CRASH_STATE) kills its process, once.
+
+    Called inside a Ray Train worker, this is a real worker death in the middle of a step.
+    """
+    n = int(CRASH_STATE.read_text()) + 1 if CRASH_STATE.exists() else 1
+    CRASH_STATE.write_text(str(n))
+    if n == 200:
+        os._exit(1)
     return _arith(completion, answer)

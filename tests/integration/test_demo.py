@@ -15,8 +15,13 @@ def test_short_demo_writes_summary_and_report(ray_session, tiny_model_dir, tmp_p
 
     run = tmp_path / "demo"
     cfg = demo_config(
-        f"model.path={tiny_model_dir}", f"vstar.output_dir={run}/vstar", f"train.vstar_dir={run}/vstar",
-        f"train.output_dir={run}/train", "train.num_steps=10", "train.eval_every=5", "data.arith.num_train=128",
+        f"model.path={tiny_model_dir}",
+        f"vstar.output_dir={run}/vstar",
+        f"train.vstar_dir={run}/vstar",
+        f"train.output_dir={run}/train",
+        "train.num_steps=10",
+        "train.eval_every=5",
+        "data.arith.num_train=128",
         "data.arith.num_eval=50",
     )
     returned = demo.run(cfg)

@@ -141,3 +141,32 @@ def test_missing_vstar_row_is_an_error(ray_session, tiny_model_dir, vstar_dir, t
     cfg = train_config(tiny_model_dir, vstar_dir, tmp_path / "t", "reward.fn=gsm8k")
     with pytest.raises(VStarMismatchError, match="same reward"):
         train.run(cfg)
+
+
+def test_worker_death_restarts_from_last_checkpoint(ray_session, tiny_model_dir, vstar_dir, tmp_path):
+    """A learner process dies during step 4 (64 rewards per step: call 200); max_failures=1 restarts
+    the run from the step-2 checkpoint, and training finishes with weight sync intact. (GRPO, so that
+    a test-only reward function needs no V* scored with it.)"""
+    from helpers_rewards import CRASH_STATE
+
+    from apo_ray import train
+
+    CRASH_STATE.unlink(missing_ok=True)
+    out = tmp_path / "train"
+    train.run(
+        train_config(
+            tiny_model_dir,
+            vstar_dir,
+            out,
+            "train.num_steps=6",
+            "train.save_every=2",
+            "train.max_failures=1",
+            "reward.fn=helpers_rewards:crash_once_after_200_calls", "train.algo=grpo", "train.group_size=2",
+            "train.rollout_batch_size=32", "train.mini_batch_size=32",
+        )
+    )
+    assert int(CRASH_STATE.read_text()) > 200, "the worker never crashed"
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 3, 4, 5, 6], "step 3 is redone after restarting from the step-2 checkpoint"
+    assert all(r["logprob_gap"] < 1e-3 for r in read_metrics(out / "metrics.jsonl"))
+    CRASH_STATE.unlink()
