@@ -161,8 +161,11 @@ def test_worker_death_restarts_from_last_checkpoint(ray_session, tiny_model_dir,
             "train.num_steps=6",
             "train.save_every=2",
             "train.max_failures=1",
-            "reward.fn=helpers_rewards:crash_once_after_200_calls", "train.algo=grpo", "train.group_size=2",
-            "train.rollout_batch_size=32", "train.mini_batch_size=32",
+            "reward.fn=helpers_rewards:crash_once_after_200_calls",
+            "train.algo=grpo",
+            "train.group_size=2",
+            "train.rollout_batch_size=32",
+            "train.mini_batch_size=32",
         )
     )
     assert int(CRASH_STATE.read_text()) > 200, "the worker never crashed"
