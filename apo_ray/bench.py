@@ -114,6 +114,10 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def bench_stage2(cfg: Config, steps: int = 12) -> dict:
     """Seconds per step (generate / train / sync) for A*-PO and GRPO(G=8) at equal prompts per step."""
+    from apo_ray import vstar
+
+    cfg = _with(cfg, vstar={"output_dir": str(OUT / "stage2_vstar")}, train={"vstar_dir": str(OUT / "stage2_vstar")})
+    vstar.run(cfg)  # reused when already complete
     res = {}
     for algo, group in (("astar_po", 1), ("grpo", 8)):
         c = _with(

@@ -25,6 +25,7 @@ This module is imported inside vLLM's worker processes; it must stay import-ligh
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -43,6 +44,19 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, f.get_tensor(name)
 
 
+# vLLM logs two lines on every in-place reload (timing at INFO, and a warning that the rotary
+# embedding has no weights to load); at one reload per training step they drown the job log.
+_RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.inplace",
+    "vllm.model_executor.model_loader.reload.layerwise",
+)
+
+
+def _quiet_reload_logs() -> None:
+    for name in _RELOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class WeightSyncExtension:
     """Methods added to vLLM's worker class (``self`` is the worker: it has ``model_runner``)."""
 
@@ -52,6 +66,7 @@ class WeightSyncExtension:
         Returns:
             {"tensors": how many tensors were read, "seconds": wall time of the reload}.
         """
+        _quiet_reload_logs()
         t0 = time.perf_counter()
         count = 0
 
