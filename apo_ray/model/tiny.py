@@ -1,0 +1,357 @@
+"""The project's own tiny model: a char-level Qwen2 warm-started on arithmetic.
+
+The demo (``model.path: tiny``) and the tests use it, so nothing is downloaded.
+`build_tiny_model` writes a Hugging Face model directory (safetensors, float32)
+that transformers and vLLM(-CPU) both load:
+
+- tokenizer: byte-level BPE with no merges, built with `tokenizers`: every byte
+  (so every ASCII char, every digit) is one token, plus ``<|endoftext|>`` (EOS) and
+  ``<|pad|>``; no BOS, no chat template. It mirrors the Qwen2 tokenizer pipeline
+  (NFC, Qwen2 split regex, byte-level) because transformers 5 loads any
+  ``model_type: qwen2`` directory with `Qwen2Tokenizer`, which rebuilds that
+  pipeline from the vocabulary: this way tokenizer.json and AutoTokenizer agree.
+- model: Qwen2ForCausalLM, hidden 128, 2 layers, 2 heads of dim 64 (vLLM's CPU
+  attention rejects head_dim 16), 1 KV head, untied embeddings (~0.56 M params).
+- warm start (``sft=True``): a plain seeded torch loop on arith train problems
+  (``"37+45="`` -> ``"82<|endoftext|>"``, loss on completion tokens only), stopped on
+  purpose half-way (greedy accuracy ~0.55 on unseen train-split problems, checked every
+  50 steps; a step cap bounds it) so that RL has room to improve.
+  The measured greedy / sampled accuracies on held-out problems go to
+  ``tiny_recipe.json`` in the model directory.
+
+`ensure_tiny_model` builds once per recipe into a cache (``$APO_RAY_CACHE`` or
+``~/.cache/apo_ray``), atomically and safely under concurrent callers;
+`resolve_model_path` maps ``"tiny"`` to that directory.
+
+Run: ``apo-ray make-tiny-model OUT [--no-sft]``; ``model.path: tiny`` builds it on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apo_ray.data.arith import arith_problems
+
+# Bump when the build changes in a way the recipe fields do not capture (invalidates caches).
+TINY_VERSION = 1
+TINY_NAME = "tiny"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+RECIPE_FILE = "tiny_recipe.json"
+# The Qwen2 pre-tokenizer regex (transformers' Qwen2Tokenizer); with no merges it only
+# decides where byte-level pieces split, so each byte stays one token anyway.
+_QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Everything that determines the built model (hashed for the cache key)."""
+
+    sft: bool = True
+    seed: int = 0
+    # architecture
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2  # head_dim = hidden_size / heads must be 64 for vLLM-CPU
+    num_key_value_heads: int = 1
+    max_position_embeddings: int = 512
+    # warm-start SFT on arith (train split only): constant lr after a linear warmup
+    digits: int = 2
+    ops: str = "+"
+    num_train: int = 4800  # SFT problems; the next `num_val` train-split problems steer the stop
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    # Stop rule: every `val_every` steps, greedy accuracy on `num_val` unseen train-split
+    # problems; stop once it reaches `stop_greedy`, or after `max_steps`. Deterministic (no
+    # wall clock). A fixed step count is not robust: accuracy jumps from ~0.1 to ~0.9 within a
+    # few hundred steps, at a step that varies by seed (measured: seed 0 stops at step 2150, seed 1 at 750).
+    max_steps: int = 3000
+    stop_greedy: float = 0.55
+    val_every: int = 50
+    num_val: int = 200
+    # measurement (recorded, not a stopping rule): held-out eval problems of the arith task
+    num_eval: int = 200
+    eval_seed: int = 0
+    eval_max_tokens: int = 8
+
+
+def make_recipe(**kwargs: Any) -> TinyRecipe:
+    """A `TinyRecipe` from keyword overrides; an unknown key raises with the valid ones."""
+    names = {f.name for f in dataclasses.fields(TinyRecipe)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"tiny model: unknown recipe key(s) {unknown}; valid: {sorted(names)}")
+    recipe = TinyRecipe(**kwargs)
+    if recipe.hidden_size % recipe.num_attention_heads or recipe.hidden_size // recipe.num_attention_heads != 64:
+        raise ValueError("tiny model: hidden_size / num_attention_heads must be 64 (vLLM-CPU attention)")
+    return recipe
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer():
+    """The byte-level, merge-free tokenizer as a transformers fast tokenizer (vocab 258: 256 bytes, EOS, PAD)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # id i is byte i: order the byte-level alphabet by the byte each symbol stands for.
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        bos_token=None,
+        model_max_length=512,
+    )
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    # GPT-2's byte -> printable-unicode table, the alphabet of tokenizers' ByteLevel.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build_tiny_model(out_dir: str | os.PathLike, *, sft: bool = True, seed: int = 0, **recipe: Any) -> Path:
+    """Build the tiny model into `out_dir` (created; existing files are overwritten).
+
+    Args:
+        out_dir: target directory.
+        sft: warm-start on arith (~tens of seconds on 2 cores); False: random init (seconds).
+        seed: seeds the init and the SFT batches.
+        **recipe: overrides of `TinyRecipe` fields (architecture, SFT steps, lr, ...).
+    Returns:
+        The model directory, loadable by `AutoModelForCausalLM` / `AutoTokenizer` / `vllm.LLM`.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    rec = make_recipe(sft=sft, seed=seed, **recipe)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(min(old_threads, 2))  # a 0.5 M-param model gains nothing from more
+    try:
+        torch.manual_seed(rec.seed)
+        config = Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=rec.hidden_size,
+            intermediate_size=rec.intermediate_size,
+            num_hidden_layers=rec.num_hidden_layers,
+            num_attention_heads=rec.num_attention_heads,
+            num_key_value_heads=rec.num_key_value_heads,
+            max_position_embeddings=rec.max_position_embeddings,
+            tie_word_embeddings=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+            dtype="float32",
+        )
+        model = Qwen2ForCausalLM(config).float()
+        info: dict[str, Any] = {"recipe": dataclasses.asdict(rec), "version": TINY_VERSION}
+        if rec.sft:
+            t0 = time.perf_counter()
+            info.update(sft_arith(model, tok, rec))
+            info["sft_seconds"] = round(time.perf_counter() - t0, 1)
+            evals = arith_problems("test", rec.num_eval, seed=rec.eval_seed, digits=rec.digits, ops=rec.ops)
+            gen = torch.Generator().manual_seed(rec.seed + 1)
+            info["accuracy_greedy"] = arith_accuracy(model, tok, evals, greedy=True, max_tokens=rec.eval_max_tokens)
+            info["accuracy_sampled"] = arith_accuracy(
+                model, tok, evals, greedy=False, max_tokens=rec.eval_max_tokens, generator=gen
+            )
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.bos_token_id = None
+        model.save_pretrained(out)
+    finally:
+        torch.set_num_threads(old_threads)
+    tok.save_pretrained(out)
+    (out / RECIPE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def sft_arith(model, tok, rec: TinyRecipe) -> dict[str, Any]:
+    """Supervised warm start on arith train problems, stopped by the recipe's rule.
+
+    Returns:
+        {"steps": steps run, "val_greedy": last validation accuracy, "final_loss": mean of the last 20 losses}.
+    """
+    import random
+
+    import torch
+
+    problems = arith_problems("train", rec.num_train + rec.num_val, seed=rec.seed, digits=rec.digits, ops=rec.ops)
+    val = problems[rec.num_train :]  # train split, never trained on; the eval split stays untouched
+    seqs = []
+    for p in problems[: rec.num_train]:
+        q, a = _encode(tok, p["question"]), _encode(tok, p["answer"]) + [tok.eos_token_id]
+        seqs.append((q + a, [-100] * len(q) + a))  # loss on completion tokens only
+    rng = random.Random(f"apo-ray-tiny-sft-{rec.seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, rec.warmup_steps)))
+    losses: list[float] = []
+    step, val_greedy = 0, 0.0
+    while step < rec.max_steps:
+        model.train()
+        batch = rng.sample(seqs, rec.batch_size)
+        width = max(len(ids) for ids, _ in batch)
+        ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, labels) in enumerate(batch):  # right padding: positions stay 0..len-1
+            ids_BT[i, : len(ids)] = torch.tensor(ids)
+            labels_BT[i, : len(ids)] = torch.tensor(labels)
+            mask_BT[i, : len(ids)] = 1
+        loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        step += 1
+        if step % rec.val_every == 0:
+            val_greedy = arith_accuracy(model, tok, val, greedy=True, max_tokens=rec.eval_max_tokens)
+            if val_greedy >= rec.stop_greedy:
+                break
+    model.eval()
+    tail = losses[-20:]
+    return {"steps": step, "val_greedy": val_greedy, "final_loss": round(sum(tail) / max(1, len(tail)), 4)}
+
+
+def arith_correct(completion: str, answer: str) -> bool:
+    """The arith reward: the completion's first line, stripped, is an integer equal to `answer`."""
+    first = completion.split("\n", 1)[0].strip()
+    try:
+        return int(first) == int(answer)
+    except ValueError:
+        return False
+
+
+def arith_accuracy(
+    model, tok, problems: list[dict], *, greedy: bool, max_tokens: int = 8, temperature: float = 1.0, generator=None
+) -> float:
+    """Fraction of `problems` answered correctly by `model` (transformers; prompts batched by length, no padding)."""
+    import torch
+
+    by_len: dict[int, list[tuple[list[int], str]]] = {}
+    for p in problems:
+        ids = _encode(tok, p["question"])
+        by_len.setdefault(len(ids), []).append((ids, p["answer"]))
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for _, group in sorted(by_len.items()):
+            ids_BT = torch.tensor([ids for ids, _ in group])
+            done_B = torch.zeros(len(group), dtype=torch.bool)
+            out_BT = torch.empty((len(group), 0), dtype=torch.long)
+            for _ in range(max_tokens):  # no KV cache: sequences are a dozen tokens
+                logits_BV = model(input_ids=ids_BT).logits[:, -1, :].float()
+                if greedy:
+                    next_B = logits_BV.argmax(-1)
+                else:
+                    probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+                    next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+                next_B = torch.where(done_B, torch.full_like(next_B, tok.eos_token_id), next_B)
+                out_BT = torch.cat([out_BT, next_B[:, None]], dim=1)
+                ids_BT = torch.cat([ids_BT, next_B[:, None]], dim=1)
+                done_B |= next_B == tok.eos_token_id
+                if done_B.all():
+                    break
+            for row, (_, answer) in zip(out_BT.tolist(), group):
+                if tok.eos_token_id in row:
+                    row = row[: row.index(tok.eos_token_id)]
+                correct += arith_correct(tok.decode(row, skip_special_tokens=True), answer)
+    return correct / max(1, len(problems))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def tiny_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else ``$APO_RAY_CACHE``, else ``~/.cache/apo_ray``."""
+    root = cache_dir or os.environ.get("APO_RAY_CACHE") or Path.home() / ".cache" / "apo_ray"
+    return Path(root).expanduser()
+
+
+def recipe_hash(recipe: TinyRecipe) -> str:
+    blob = json.dumps({"version": TINY_VERSION, **dataclasses.asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, **recipe: Any) -> Path:
+    """The tiny model of `recipe` (`TinyRecipe` overrides), built on first use and cached.
+
+    The directory is ``<cache root>/tiny-<hash of recipe + version>``. Concurrent
+    callers (tests, Ray workers, the demo) serialise on a ``fcntl.flock`` lock file;
+    the build goes to a temporary sibling directory that is renamed into place, so
+    a reader never sees a half-written model.
+    """
+    rec = make_recipe(**recipe)
+    root = tiny_cache_root(cache_dir)
+    final = root / f"tiny-{recipe_hash(rec)}"
+    if (final / RECIPE_FILE).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (final / RECIPE_FILE).is_file():  # another process built it while we waited
+                return final
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+            try:
+                build_tiny_model(tmp, **dataclasses.asdict(rec))
+                tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with Ray workers
+                if final.exists():  # a stale partial directory (cannot happen via rename, but be safe)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+def resolve_model_path(path: str) -> str:
+    """``"tiny"`` -> the cached tiny model directory (built if needed); any other path or hub id unchanged."""
+    return str(ensure_tiny_model()) if path == TINY_NAME else path
