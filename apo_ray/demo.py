@@ -110,13 +110,14 @@ def plot_report(metrics_path: Path, out: Path, *, stage1_s: float, before: float
     reward = [r["reward_mean"] for r in rows]
     ev = [r for r in rows if "eval_accuracy" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    acc = [before] + [r["eval_accuracy"] for r in ev]  # the accuracy curve starts at the warm-started model
     for ax, xs, ex, label in (
-        (axes[0], steps, [r["step"] for r in ev], "step"),
-        (axes[1], wall, [stage1_s + r["time_s"] for r in ev], "wall-clock seconds (Stage 1 + Stage 2)"),
+        (axes[0], steps, [0] + [r["step"] for r in ev], "step"),
+        (axes[1], wall, [stage1_s] + [stage1_s + r["time_s"] for r in ev], "wall-clock seconds (Stage 1 + Stage 2)"),
     ):
         ax.plot(xs, reward, color="tab:blue", alpha=0.35, label="sampled reward (batch mean)")
         ax.plot(xs, _smooth(reward), color="tab:blue", label="sampled reward (smoothed)")
-        ax.plot(ex, [r["eval_accuracy"] for r in ev], "o-", color="tab:red", label="held-out greedy accuracy")
+        ax.plot(ex, acc, "o-", color="tab:red", label="held-out greedy accuracy")
         ax.axhline(before, color="gray", ls="--", lw=1, label=f"accuracy before ({before:.2f})")
         ax.set_xlabel(label)
         ax.set_ylim(0, 1)

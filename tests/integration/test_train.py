@@ -94,12 +94,25 @@ def test_astar_po_steps_resume_and_export(ray_session, tiny_model_dir, vstar_dir
 def test_astar_po_raises_the_reward(ray_session, tiny_model_dir, vstar_dir, tmp_path):
     from apo_ray import train
 
+    # 128 prompts per step in 2 mini-batches (the paper's shape). Measured on this seed: steps 46-60
+    # average +0.069 over steps 1-15; the standard error of that difference is ~0.016, so the
+    # 0.03 margin leaves ~2.4 SE of room while a broken sign or sync would fall well below it.
     out = tmp_path / "train"
-    train.run(train_config(tiny_model_dir, vstar_dir, out, "train.num_steps=40", "train.save_every=1000"))
+    train.run(
+        train_config(
+            tiny_model_dir,
+            vstar_dir,
+            out,
+            "train.num_steps=60",
+            "train.save_every=1000",
+            "train.rollout_batch_size=128",
+            "train.mini_batch_size=64",
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
-    first = sum(r["reward_mean"] for r in rows[:10]) / 10
-    last = sum(r["reward_mean"] for r in rows[-10:]) / 10
-    assert last > first + 0.05, f"mean sampled reward did not rise: {first:.3f} -> {last:.3f}"
+    first = sum(r["reward_mean"] for r in rows[:15]) / 15
+    last = sum(r["reward_mean"] for r in rows[-15:]) / 15
+    assert last > first + 0.03, f"mean sampled reward did not rise: {first:.3f} -> {last:.3f}"
     assert max(r["logprob_gap"] for r in rows) < 1e-3
 
 
