@@ -133,8 +133,9 @@ class ShardSampler:
         cfg, s = self.cfg, self.cfg.sampling
         t0 = time.perf_counter()
         n = cfg.vstar.num_samples
-        keep = [j for j, p in enumerate(prompts) if len(self.tokenizer(p)["input_ids"]) <= s.max_prompt_tokens]
-        too_long = [ids[j] for j in range(len(ids)) if j not in set(keep)]
+        lengths = [len(t) for t in self.tokenizer(prompts)["input_ids"]]
+        keep = [j for j, length in enumerate(lengths) if length <= s.max_prompt_tokens]
+        too_long = [ids[j] for j, length in enumerate(lengths) if length > s.max_prompt_tokens]
         rewards, completions, tokens, errors, first_error = [], [], 0, 0, None
         bs = cfg.vstar.batch_size
         for c0 in range(0, len(keep), bs):
@@ -164,8 +165,9 @@ class ShardSampler:
         r_PN = np.asarray(rewards, dtype=np.float64).reshape(len(keep), n)
         v_P = vstar(r_PN, cfg.vstar.beta1) if len(keep) else np.zeros(0)
         solvable = r_PN.max(axis=1) > 0 if len(keep) else np.zeros(0, dtype=bool)
-        rows = [k for k in range(len(keep)) if solvable[k] or not cfg.vstar.filter_unsolvable]
-        filtered = [ids[keep[k]] for k in range(len(keep)) if k not in set(rows)]
+        drop = cfg.vstar.filter_unsolvable
+        rows = [k for k in range(len(keep)) if solvable[k] or not drop]
+        filtered = [ids[keep[k]] for k in range(len(keep)) if drop and not solvable[k]]
         cols = {
             "prompt_id": pa.array([ids[keep[k]] for k in rows], pa.string()),
             "prompt": pa.array([prompts[keep[k]] for k in rows], pa.string()),
