@@ -57,7 +57,9 @@ def init_ray(res: ResourcesConfig) -> str:
         ray.init(address=address, log_to_driver=True)
         return "cluster"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=res.num_cpus, log_to_driver=True)
+    # "local" always starts a fresh embedded Ray: a bare ray.init() would instead try to join
+    # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
+    ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
     return "local"
 
 

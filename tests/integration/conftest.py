@@ -25,7 +25,10 @@ def ray_session():
         path = os.environ.get("PYTHONPATH", "")
         os.environ["PYTHONPATH"] = f"{HERE}{os.pathsep}{path}" if path else str(HERE)
         ray.init(
-            num_cpus=6, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+            address="local",
+            num_cpus=6,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
         )
     yield ray
     ray.shutdown()

@@ -170,7 +170,7 @@ def test_engine_as_ray_actor(model_a, model_b):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         actor = (
             ray.remote(RolloutEngine)
