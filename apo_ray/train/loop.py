@@ -47,6 +47,8 @@ from apo_ray.utils import (
 )
 
 log = logging.getLogger("apo_ray.train")
+_RUN_NAME = "ray"  # Ray Train run name: checkpoints live in train.output_dir/ray/step_NNNNNN
+_COMPLETE = ".apo_complete"
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def run(cfg: Config) -> dict:
             resources_per_worker={"CPU": cfg.resources.cpus_per_actor} if device == "cpu" else None,
         ),
         run_config=RunConfig(
-            name="ray",
+            name=_RUN_NAME,
             storage_path=str(out),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -217,7 +219,7 @@ def train_loop(config: dict) -> None:
     pad_id = ray.get(engine.tokenizer_eos_id.remote()) or 0
 
     start_step, time_s = 0, 0.0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = _resume_checkpoint(Path(plan.output_dir))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = learner.load_checkpoint(d)
@@ -263,7 +265,7 @@ def train_loop(config: dict) -> None:
                     metrics["sync_s"],
                 )
         out_of_time = _any_rank(cfg.train.max_train_seconds is not None and time_s >= cfg.train.max_train_seconds)
-        _report(cfg, learner, step, time_s, metrics, force_checkpoint=out_of_time)
+        _report(cfg, Path(plan.output_dir), learner, step, time_s, metrics, force_checkpoint=out_of_time)
         if out_of_time:
             log.info("rank %d: train.max_train_seconds reached after step %d", rank, step)
             break
@@ -400,19 +402,47 @@ def _quick_eval(engine, rows: list[dict], reward_fn, cfg: Config) -> dict:
     return {"eval_accuracy": correct / max(len(rows), 1), "eval_s": time.perf_counter() - t0}
 
 
-def _report(cfg: Config, learner, step: int, time_s: float, metrics: dict, force_checkpoint: bool = False) -> None:
+def _report(
+    cfg: Config, out: Path, learner, step: int, time_s: float, metrics: dict, force_checkpoint: bool = False
+) -> None:
     import tempfile
 
     import ray.train
+    import torch
     from ray.train import Checkpoint
 
     # Only checkpoint steps go through Ray Train (each report is a barrier and a log line);
     # every step's metrics reach metrics.jsonl, TensorBoard and the dashboard gauges anyway.
     if step % cfg.train.save_every and step != cfg.train.num_steps and not force_checkpoint:
         return
+    name = f"step_{step:06d}"
     with tempfile.TemporaryDirectory(prefix="apo-ckpt-") as d:
         learner.save_checkpoint(d, {"step": step, "time_s": time_s, "rng": _rng_state()})
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:06d}")
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    # Ray Train registers a reported checkpoint when its controller next polls the workers
+    # (every 2 s): a worker that dies sooner would restart from an older one. Once every rank's
+    # upload is done, a marker lets the restart find this checkpoint in storage instead.
+    torch.distributed.barrier()
+    stored = out / _RUN_NAME / name
+    if torch.distributed.get_rank() == 0 and stored.is_dir():
+        (stored / _COMPLETE).touch()
+
+
+def _resume_checkpoint(out: Path):
+    """The newest checkpoint to resume from: Ray Train's latest registered one, or a newer one
+    in storage that every rank finished uploading (see `_report`). None on a fresh run."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    def step_of(path: str) -> int:
+        return int(Path(path).name.split("_")[-1])
+
+    ckpt = ray.train.get_checkpoint()
+    best = step_of(ckpt.path) if ckpt is not None else 0
+    for d in (out / _RUN_NAME).glob("step_*"):
+        if (d / _COMPLETE).exists() and step_of(d.name) > best:
+            ckpt, best = Checkpoint.from_directory(str(d)), step_of(d.name)
+    return ckpt
 
 
 def _make_engine(cfg: Config, plan: Stage2Plan, rank: int):

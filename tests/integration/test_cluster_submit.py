@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def ray_head(tmp_path):
             try:
                 urllib.request.urlopen(f"{url}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:
+                break  # it answers: 401 when Ray's token auth is on (a ~/.ray/auth_token exists); the CLI sends it
             except OSError:
                 assert time.time() < deadline, "Ray head dashboard did not come up"
                 time.sleep(1)
