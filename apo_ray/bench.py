@@ -244,6 +244,8 @@ def _plot_compare(res: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for algo, color in (("astar_po", "tab:red"), ("grpo", "tab:blue")):
         pts = res["curves"][algo]
+        if algo == "astar_po":  # the policy is the reference model until Stage 1 ends
+            pts = pts[:1] + [{**pts[0], "seconds": res["stage1_s"]}] + pts[1:]
         ax.plot(
             [p["seconds"] for p in pts],
             [p["accuracy"] for p in pts],

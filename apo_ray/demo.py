@@ -6,19 +6,29 @@
 On an embedded local Ray (no GPU needed): build (or reuse) the warm-started tiny model,
 evaluate it on held-out arith prompts, run Stage 1 (V*), Stage 2 (A*-PO), evaluate
 again, then write `<run>/summary.json` and `<run>/report.png` and print a table, where
-<run> is the parent of train.output_dir (runs/demo for the demo config).
+<run> is the parent of train.output_dir (runs/demo for the demo config). Every run starts
+fresh: a previous demo's V* shards and Stage 2 output are replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from apo_ray.config import Config
 
 log = logging.getLogger("apo_ray.demo")
+
+
+def _remove_previous_stage2(out: Path) -> None:
+    """Delete an earlier Stage 2 output at `out` (recognised by its config.yaml and metrics.jsonl)."""
+    if (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file():
+        log.info("demo: removing the previous demo's Stage 2 output %s (a demo starts from step 0)", out)
+        shutil.rmtree(out)
 
 
 def run(cfg: Config) -> dict:
@@ -29,6 +39,10 @@ def run(cfg: Config) -> dict:
 
     run_dir = Path(cfg.train.output_dir).expanduser().resolve().parent
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A demo is one fresh run: a previous demo's V* would be reused (or refused, if the model
+    # changed since), its Stage 2 resumed at the last step, and the timings would mean nothing.
+    cfg = dataclasses.replace(cfg, vstar=dataclasses.replace(cfg.vstar, overwrite=True))
+    _remove_previous_stage2(Path(cfg.train.output_dir).expanduser().resolve())
     seconds: dict[str, float] = {}
     t0 = time.time()
 
