@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         res = bench_compare(cfg, args.budget)
     res["bench_seconds"] = time.time() - t
     res["versions"] = versions()
-    res["command"] = f"python jobs/bench.py {args.which} --config {args.config} " + " ".join(args.overrides)
+    res["command"] = " ".join(["python jobs/bench.py", *(argv if argv is not None else sys.argv[1:])])
     out = OUT / f"{args.which}.json"
     out.write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(f"wrote {out}")
