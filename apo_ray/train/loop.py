@@ -435,10 +435,11 @@ def _resume_checkpoint(out: Path):
     from ray.train import Checkpoint
 
     def step_of(path: str) -> int:
-        return int(Path(path).name.split("_")[-1])
+        name = Path(path).name
+        return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
     ckpt = ray.train.get_checkpoint()
-    best = step_of(ckpt.path) if ckpt is not None else 0
+    best = step_of(ckpt.path) if ckpt is not None else -1
     for d in (out / _RUN_NAME).glob("step_*"):
         if (d / _COMPLETE).exists() and step_of(d.name) > best:
             ckpt, best = Checkpoint.from_directory(str(d)), step_of(d.name)
