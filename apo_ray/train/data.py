@@ -54,8 +54,12 @@ def read_vstar(vstar_dir: str) -> tuple[dict[str, float], dict]:
     return values, manifest
 
 
-def load_train_prompts(cfg: Config, reward_fn: str) -> list[TrainPrompt]:
-    """Training prompts with their V* (A*-PO), or with V* = 0 (GRPO needs none)."""
+def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) -> list[TrainPrompt]:
+    """Training prompts with their V* (A*-PO), or with V* = 0 (GRPO needs none).
+
+    `model` is the resolved reference model of this run; a Stage 1 output recorded with
+    another model gets a warning (the same weights may sit at another path, so not an error).
+    """
     from apo_ray.data import load_prompts
 
     prompts = load_prompts(cfg.data, "train")
@@ -66,6 +70,14 @@ def load_train_prompts(cfg: Config, reward_fn: str) -> list[TrainPrompt]:
         raise VStarMismatchError(
             f"V* in {cfg.train.vstar_dir!r} was scored with reward function {manifest.get('reward_fn')!r}, "
             f"this run uses {reward_fn!r}: both stages must use the same reward (reward.fn)"
+        )
+    if model is not None and manifest.get("model") not in (None, model):
+        log.warning(
+            "V* in %r was computed with model %r, but this run's reference policy is %r: A*-PO needs V* "
+            "of the reference policy, so rerun Stage 1 unless both are the same weights",
+            cfg.train.vstar_dir,
+            manifest.get("model"),
+            model,
         )
     dropped = set(manifest.get("filtered_prompt_ids", [])) | set(manifest.get("too_long_prompt_ids", []))
     out = []

@@ -115,7 +115,7 @@ def run(cfg: Config) -> dict:
     model_path = resolve_model(cfg.model.path)
     check_model_dir(model_path)
     reward = reward_fn_name(cfg.data.task, cfg.reward.fn)
-    prompts = load_train_prompts(cfg, reward)
+    prompts = load_train_prompts(cfg, reward, model_path)
     init_ray(cfg.resources)
     device = resolve_device(cfg.resources)
     plan = make_plan(cfg, model_path, device, reward)
