@@ -46,6 +46,7 @@ demo: install
 bench: install
 	$(BIN)/python jobs/bench.py stage1 --config demo
 	$(BIN)/python jobs/bench.py stage2 --config demo
+	$(BIN)/python jobs/bench.py compare --config demo --budget 120 train.eval_every=25
 
 clean:
 	rm -rf runs .pytest_cache
