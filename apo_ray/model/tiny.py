@@ -14,8 +14,9 @@ that transformers and vLLM(-CPU) both load:
   attention rejects head_dim 16), 1 KV head, untied embeddings (~0.56 M params).
 - warm start (``sft=True``): a plain seeded torch loop on arith train problems
   (``"37+45="`` -> ``"82<|endoftext|>"``, loss on completion tokens only), stopped on
-  purpose half-way (greedy accuracy ~0.55 on unseen train-split problems, checked every
-  50 steps; a step cap bounds it) so that RL has room to improve.
+  purpose half-way (first time greedy accuracy on unseen train-split problems reaches 0.55,
+  checked every 50 steps, then 100 steps more; a step cap bounds it) so that RL has room to
+  improve: held-out greedy ~0.45, sampled ~0.35.
   The measured greedy / sampled accuracies on held-out problems go to
   ``tiny_recipe.json`` in the model directory.
 
@@ -75,11 +76,17 @@ class TinyRecipe:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     # Stop rule: every `val_every` steps, greedy accuracy on `num_val` unseen train-split
-    # problems; stop once it reaches `stop_greedy`, or after `max_steps`. Deterministic (no
-    # wall clock). A fixed step count is not robust: accuracy jumps from ~0.1 to ~0.9 within a
-    # few hundred steps, at a step that varies by seed (measured: seed 0 stops at step 2150, seed 1 at 750).
+    # problems; once it reaches `stop_greedy`, train `settle_steps` more and stop (`max_steps`
+    # caps the search: a recipe that never gets there stops at the cap). Deterministic (no wall clock). A fixed step count is not robust: the step at
+    # which accuracy takes off varies by seed (measured: seed 0 first reaches 0.55 at step 2150,
+    # seed 1 at 750). The settle steps matter: at constant lr 2e-3 validation accuracy swings
+    # by +-0.1 between checks, so the check that first crosses the threshold is most often an
+    # upward swing, i.e. a model near its best. Measured on seed 0: stopped right at the
+    # crossing (step 2150, held-out greedy 0.61) 400 steps of A*-PO add ~7 points; from the
+    # model 100 steps later (0.44) they add ~25, to a higher final accuracy.
     max_steps: int = 3000
     stop_greedy: float = 0.55
+    settle_steps: int = 100
     val_every: int = 50
     num_val: int = 200
     # measurement (recorded, not a stopping rule): held-out eval problems of the arith task
@@ -213,7 +220,8 @@ def sft_arith(model, tok, rec: TinyRecipe) -> dict[str, Any]:
     """Supervised warm start on arith train problems, stopped by the recipe's rule.
 
     Returns:
-        {"steps": steps run, "val_greedy": last validation accuracy, "final_loss": mean of the last 20 losses}.
+        {"steps": steps run, "stop_rule_step": the step whose check met `stop_greedy` (None: the
+        cap), "val_greedy": validation accuracy at the end, "final_loss": mean of the last 20 losses}.
     """
     import random
 
@@ -229,8 +237,8 @@ def sft_arith(model, tok, rec: TinyRecipe) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, rec.warmup_steps)))
     losses: list[float] = []
-    step, val_greedy = 0, 0.0
-    while step < rec.max_steps:
+    step, end, rule_step = 0, rec.max_steps, None
+    while step < end:
         model.train()
         batch = rng.sample(seqs, rec.batch_size)
         width = max(len(ids) for ids, _ in batch)
@@ -249,13 +257,18 @@ def sft_arith(model, tok, rec: TinyRecipe) -> dict[str, Any]:
         sched.step()
         losses.append(loss.item())
         step += 1
-        if step % rec.val_every == 0:
-            val_greedy = arith_accuracy(model, tok, val, greedy=True, max_tokens=rec.eval_max_tokens)
-            if val_greedy >= rec.stop_greedy:
-                break
+        if rule_step is None and step % rec.val_every == 0:
+            if arith_accuracy(model, tok, val, greedy=True, max_tokens=rec.eval_max_tokens) >= rec.stop_greedy:
+                rule_step, end = step, step + rec.settle_steps
+    val_greedy = arith_accuracy(model, tok, val, greedy=True, max_tokens=rec.eval_max_tokens)
     model.eval()
     tail = losses[-20:]
-    return {"steps": step, "val_greedy": val_greedy, "final_loss": round(sum(tail) / max(1, len(tail)), 4)}
+    return {
+        "steps": step,
+        "stop_rule_step": rule_step,
+        "val_greedy": val_greedy,
+        "final_loss": round(sum(tail) / max(1, len(tail)), 4),
+    }
 
 
 def arith_correct(completion: str, answer: str) -> bool:
