@@ -271,9 +271,8 @@ def _clean(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from apo_ray.utils import setup_logging
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench command line; overrides may come before or after the options."""
     p = argparse.ArgumentParser(
         prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -281,8 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--steps", type=int, default=12, help="stage2: steps per algorithm")
     p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
+    # Plain parse_args() rejects `compare --budget 120 train.eval_every=25`: the positional
+    # overrides were already consumed (empty) before the options.
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from apo_ray.utils import setup_logging
+
+    args = parse_args(argv)
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     OUT.mkdir(parents=True, exist_ok=True)

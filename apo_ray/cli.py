@@ -38,7 +38,7 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def run_job(name: str, argv: list[str] | None = None) -> int:
     """Parse `--config` + overrides, load and validate the config, run the job's `run(cfg)`."""
     module, description = JOBS[name]
-    args = job_parser(f"apo-ray {name}", description).parse_args(argv)
+    args = job_parser(f"apo-ray {name}", description).parse_intermixed_args(argv)
     from apo_ray.utils import setup_logging
 
     setup_logging()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "show-config":
         from apo_ray.config import load_config, to_yaml
 
-        args = job_parser("apo-ray show-config", "print the resolved config").parse_args(argv[1:])
+        args = job_parser("apo-ray show-config", "print the resolved config").parse_intermixed_args(argv[1:])
         print(to_yaml(load_config(args.config, args.overrides)), end="")
         return 0
     args = p.parse_args(argv)
