@@ -497,6 +497,9 @@ def _write_manifest(cfg: Config, plan: Stage1Plan, fs, out: str, prompts, t_star
         "shards": [shard_name(i) for i in range(plan.num_shards)],
         "wall_time_s": wall,
         "generation_wall_time_s": gen_s,
+        # Summed over shards, inside the actors (generate + score + V* + write): the work, without
+        # Ray Data planning and engine start-up. Equals the work time with one actor.
+        "shard_seconds": shard_seconds,
         "prompts_per_s": counts["prompts_in"] / max(wall, 1e-9),
         "generated_tokens_per_s": counts["generated_tokens"] / max(wall, 1e-9),
         "versions": versions(),
