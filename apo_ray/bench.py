@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from apo_ray.config import Config, load_config
+from apo_ray.config import Config, ConfigError, load_config
 
 log = logging.getLogger("apo_ray.bench")
 OUT = Path("runs/bench")
@@ -61,6 +61,7 @@ def bench_stage1(cfg: Config) -> dict:
         max_model_len=s.max_prompt_tokens + s.max_tokens,
         seed=s.seed,
         max_num_seqs=cfg.engine.max_num_seqs,
+        enforce_eager=cfg.engine.enforce_eager,  # as the pipeline's engines
     )
     load_s = time.time() - t
     params = [
@@ -124,7 +125,11 @@ def bench_stage2(cfg: Config, steps: int = 12) -> dict:
     from apo_ray import vstar
 
     cfg = _with(cfg, vstar={"output_dir": str(OUT / "stage2_vstar")}, train={"vstar_dir": str(OUT / "stage2_vstar")})
-    vstar.run(cfg)  # reused when already complete
+    try:
+        vstar.run(cfg)  # reused when complete and made with this config
+    except ConfigError:  # made with another model/config: it is this bench's scratch, redo it
+        log.info("bench stage2: recomputing its scratch V* in %s", cfg.vstar.output_dir)
+        vstar.run(_with(cfg, vstar={"overwrite": True}))
     res = {}
     for algo, group in (("astar_po", 1), ("grpo", 8)):
         c = _with(
