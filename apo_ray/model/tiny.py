@@ -77,9 +77,9 @@ class TinyRecipe:
     weight_decay: float = 0.0
     # Stop rule: every `val_every` steps, greedy accuracy on `num_val` unseen train-split
     # problems; once it reaches `stop_greedy`, train `settle_steps` more and stop (`max_steps`
-    # caps the search: a recipe that never gets there stops at the cap). Deterministic (no wall clock). A fixed step count is not robust: the step at
-    # which accuracy takes off varies by seed (measured: seed 0 first reaches 0.55 at step 2150,
-    # seed 1 at 750). The settle steps matter: at constant lr 2e-3 validation accuracy swings
+    # caps the search: a recipe that never gets there stops at the cap). Deterministic (no
+    # wall clock). A fixed step count is not robust: the step at which accuracy takes off
+    # varies by seed (measured: seed 0 first reaches 0.55 at step 2150, seed 1 at 750). The settle steps matter: at constant lr 2e-3 validation accuracy swings
     # by +-0.1 between checks, so the check that first crosses the threshold is most often an
     # upward swing, i.e. a model near its best. Measured on seed 0: stopped right at the
     # crossing (step 2150, held-out greedy 0.61) 400 steps of A*-PO add ~7 points; from the
