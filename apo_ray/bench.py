@@ -52,6 +52,7 @@ def bench_stage1(cfg: Config) -> dict:
     from vllm import LLM, SamplingParams
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.engine.cpu_kvcache_gib)))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     prompts = [r["prompt"] for r in load_prompts(cfg.data, "train").rows]
     s = cfg.sampling
     t = time.time()
@@ -61,7 +62,8 @@ def bench_stage1(cfg: Config) -> dict:
         max_model_len=s.max_prompt_tokens + s.max_tokens,
         seed=s.seed,
         max_num_seqs=cfg.engine.max_num_seqs,
-        enforce_eager=cfg.engine.enforce_eager,  # as the pipeline's engines
+        enforce_eager=cfg.engine.enforce_eager,  # as the pipeline's engines (RolloutEngine)
+        distributed_executor_backend="uni",
     )
     load_s = time.time() - t
     params = [
