@@ -51,8 +51,9 @@ def bench_stage1(cfg: Config) -> dict:
     # The bare engine, in this process, after the pipeline's actors are gone.
     from vllm import LLM, SamplingParams
 
+    from apo_ray.rollout.engine import single_process_cpu_kwargs
+
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.engine.cpu_kvcache_gib)))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     prompts = [r["prompt"] for r in load_prompts(cfg.data, "train").rows]
     s = cfg.sampling
     t = time.time()
@@ -63,7 +64,7 @@ def bench_stage1(cfg: Config) -> dict:
         seed=s.seed,
         max_num_seqs=cfg.engine.max_num_seqs,
         enforce_eager=cfg.engine.enforce_eager,  # as the pipeline's engines (RolloutEngine)
-        distributed_executor_backend="uni",
+        **single_process_cpu_kwargs(),
     )
     load_s = time.time() - t
     params = [
