@@ -41,7 +41,8 @@ def bench_stage1(cfg: Config) -> dict:
 
     from apo_ray import vstar
     from apo_ray.data import load_prompts
-    from apo_ray.utils import resolve_dtype, resolve_model
+    from apo_ray.model import resolve_model
+    from apo_ray.runtime import resolve_dtype
 
     model = resolve_model(cfg.model.path)
     cfg = _with(cfg, vstar={"output_dir": str(OUT / "stage1_vstar"), "overwrite": True})
@@ -53,7 +54,7 @@ def bench_stage1(cfg: Config) -> dict:
 
     from apo_ray.rollout.engine import single_process_cpu_kwargs
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.engine.cpu_kvcache_gib)))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.engine.cpu_kvcache_gib))
     prompts = [r["prompt"] for r in load_prompts(cfg.data, "train").rows]
     s = cfg.sampling
     t = time.time()
@@ -79,7 +80,7 @@ def bench_stage1(cfg: Config) -> dict:
     bare_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     # Steady state: the time actors spent on shards (generate + score + V* + parquet write),
     # from each shard's stats sidecar; the end-to-end figure adds actor start-up and Ray Data.
-    from apo_ray.utils import fs_read_json, get_fs
+    from apo_ray.storage import fs_read_json, get_fs
     from apo_ray.vstar.pipeline import stats_name
 
     fs, root = get_fs(cfg.vstar.output_dir)
@@ -181,10 +182,10 @@ def bench_compare(cfg: Config, budget_s: float) -> dict:
     Stage 1's work counted (its in-actor seconds), the accounting Stage 2's clock uses for both
     algorithms (it excludes their own start-up).
     """
-    from apo_ray import eval as evaluation
-    from apo_ray import vstar
+    from apo_ray import evaluation, vstar
     from apo_ray.data import load_prompts
-    from apo_ray.utils import init_ray, resolve_model
+    from apo_ray.model import resolve_model
+    from apo_ray.runtime import init_ray
 
     init_ray(cfg.resources)
     model = resolve_model(cfg.model.path)
@@ -341,13 +342,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from apo_ray.utils import setup_logging
+    from apo_ray.runtime import setup_logging
 
     args = parse_args(argv)
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     OUT.mkdir(parents=True, exist_ok=True)
-    from apo_ray.utils import init_ray, versions
+    from apo_ray.runtime import init_ray, versions
 
     init_ray(cfg.resources)
     t = time.time()

@@ -22,10 +22,9 @@ import sys
 JOBS = {
     "vstar": ("apo_ray.vstar", "Stage 1: sample the reference policy, write V* shards"),
     "train": ("apo_ray.train", "Stage 2: A*-PO (or GRPO) with Ray Train + DeepSpeed + vLLM"),
-    "eval": ("apo_ray.eval", "Evaluate a model: greedy accuracy, pass@k, KL to the reference"),
+    "eval": ("apo_ray.evaluation", "Evaluate a model: greedy accuracy, pass@k, KL to the reference"),
     "demo": ("apo_ray.demo", "The whole pipeline on this machine, with a report"),
 }
-KNOWN_ERRORS = ("ConfigError", "DataError", "OutputLockedError", "VStarMismatchError")
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -39,19 +38,17 @@ def run_job(name: str, argv: list[str] | None = None) -> int:
     """Parse `--config` + overrides, load and validate the config, run the job's `run(cfg)`."""
     module, description = JOBS[name]
     args = job_parser(f"apo-ray {name}", description).parse_intermixed_args(argv)
-    from apo_ray.utils import setup_logging
+    from apo_ray.config import load_config
+    from apo_ray.errors import ApoRayError
+    from apo_ray.runtime import setup_logging
 
     setup_logging()
     try:
-        from apo_ray.config import load_config
-
         cfg = load_config(args.config, args.overrides)
         importlib.import_module(module).run(cfg)
-    except Exception as e:  # known user errors: one clear line, no traceback
-        if type(e).__name__ in KNOWN_ERRORS:
-            print(f"apo-ray {name}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except ApoRayError as e:  # a user error: one clear line, no traceback
+        print(f"apo-ray {name}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -75,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(argv[0], argv[1:])
     if argv and argv[0] == "show-config":
         from apo_ray.config import load_config, to_yaml
+        from apo_ray.errors import ApoRayError
 
         args = job_parser("apo-ray show-config", "print the resolved config").parse_intermixed_args(argv[1:])
-        print(to_yaml(load_config(args.config, args.overrides)), end="")
+        try:
+            print(to_yaml(load_config(args.config, args.overrides)), end="")
+        except ApoRayError as e:
+            print(f"apo-ray show-config: error: {e}", file=sys.stderr)
+            return 2
         return 0
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,10 @@ One schema (omegaconf structured dataclasses) for Stage 1 (`vstar`), Stage 2
 name such as ``demo`` or a path), then a command-line dotlist
 (``train.lr=1e-5``), and validates the result with errors that name the key.
 
+A YAML file may start from shipped config parts: a top-level ``defaults:`` list of names
+relative to apo_ray/configs (``defaults: [parts/paper, parts/task_gsm8k, parts/qwen2.5_7b]``),
+merged in order (a part may list its own defaults) before the file's own keys.
+
 The resolved config is saved next to every output (`save_config`). Values that
 are derived from it (resolved model path, gradient-accumulation steps, ...) live
 in separate frozen objects built by the job, never written back here.
@@ -18,17 +22,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.nodes import LiteralNode
+
+from apo_ray.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+PARTS_DIR = "parts"  # apo_ray/configs/parts: pieces for `defaults:` lists, not runnable alone
+DEFAULTS_KEY = "defaults"
 TINY_MODEL = "tiny"  # model.path value: the project's own tiny model, built and cached on demand
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 @dataclass
@@ -37,7 +42,7 @@ class ModelConfig:
     # "tiny": the project's own warm-started tiny Qwen2 (built once, cached).
     path: str = TINY_MODEL
     # "auto": float32 on CPU, bfloat16 on GPU.
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass
@@ -53,8 +58,8 @@ class ArithConfig:
 
 @dataclass
 class DataConfig:
-    # Prompt format, template and default reward: gsm8k | math | arith.
-    task: str = "arith"
+    # Prompt format, template and default reward.
+    task: Literal["gsm8k", "math", "arith"] = "arith"
     # Where prompts come from: a .jsonl / .parquet file (or a directory of them),
     # "hf:NAME" or "hf:NAME:SUBSET" for a Hugging Face dataset, or "synthetic" (arith only).
     train_source: str = "synthetic"
@@ -69,7 +74,7 @@ class DataConfig:
     max_eval_prompts: Optional[int] = None
     # "error": a bad row (not JSON, missing column, empty prompt, no answer) stops
     # the job with its file and line; "skip": it is skipped, counted and reported.
-    on_bad_row: str = "error"
+    on_bad_row: Literal["error", "skip"] = "error"
     arith: ArithConfig = field(default_factory=ArithConfig)
 
 
@@ -95,7 +100,9 @@ class EngineConfig:
 
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.45
-    cpu_kvcache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    # vLLM-CPU's KV cache in whole GiB (>= 1): written to VLLM_CPU_KVCACHE_SPACE, an integer, for
+    # every engine on CPU. Unused on GPU (engine.gpu_memory_utilization sizes the cache there).
+    cpu_kvcache_gib: int = 1
     enforce_eager: bool = False
     max_num_seqs: int = 256
 
@@ -121,7 +128,7 @@ class VStarConfig:
 class TrainConfig:
     """Stage 2: on-policy A*-PO (or the GRPO baseline)."""
 
-    algo: str = "astar_po"  # astar_po | grpo
+    algo: Literal["astar_po", "grpo"] = "astar_po"
     vstar_dir: str = "runs/vstar"
     output_dir: str = "runs/train"
     num_steps: int = 100
@@ -143,8 +150,8 @@ class TrainConfig:
     kl_coef: float = 0.001
     # Learners and placement
     num_learners: int = 1
-    zero_stage: int = 2
-    placement: str = "colocate"  # colocate | separate
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage
+    placement: Literal["colocate", "separate"] = "colocate"
     sleep_between_phases: bool = True  # GPU only: vLLM sleep/wake around training
     # Checkpoints, eval, loggers
     save_every: int = 50
@@ -171,7 +178,7 @@ class EvalConfig:
 class ResourcesConfig:
     # Ray address; None: $RAY_ADDRESS if set (ray job submit sets it), else an embedded local Ray.
     address: Optional[str] = None
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Logical CPUs for an embedded local Ray (None: Ray's default). Actors are mostly
     # idle in turn, so this may exceed the physical cores.
     num_cpus: Optional[int] = None
@@ -195,17 +202,36 @@ class Config:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the YAML configs shipped in apo_ray/configs (without .yaml)."""
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    """Names of the runnable YAML configs shipped in apo_ray/configs (without .yaml).
+
+    The parts in apo_ray/configs/parts (see `config_parts`) are not listed: they are pieces
+    of the configs above, not runnable alone.
+    """
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_parts() -> list[str]:
+    """Names of the shipped config parts (``parts/paper``, ...) for `defaults:` lists."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in (CONFIG_DIR / PARTS_DIR).rglob("*.yaml"))
+
+
+def _is_part(path: Path) -> bool:
+    return (CONFIG_DIR / PARTS_DIR).resolve() in path.resolve().parents
 
 
 def resolve_config_path(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
+    if not p.is_file():
+        p = CONFIG_DIR / f"{name_or_path}.yaml"
     if p.is_file():
+        if _is_part(p):
+            part = p.resolve().relative_to(CONFIG_DIR.resolve()).with_suffix("")
+            raise ConfigError(
+                f"--config {name_or_path!r}: a config part (for the `defaults:` list of a config), not a "
+                f"runnable config; use a shipped config ({', '.join(shipped_configs())}) or a YAML file "
+                f"that starts with `defaults: [{part}, ...]`."
+            )
         return p
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
     hint = difflib.get_close_matches(name_or_path, shipped_configs(), n=1)
     extra = f" Did you mean '{hint[0]}'?" if hint else ""
     raise ConfigError(
@@ -232,13 +258,63 @@ def _merge(base: DictConfig, other: Any, origin: str, key_hint: str | None = Non
         extra = f" Did you mean '{hint[0]}'?" if hint else ""
         raise ConfigError(f"{origin}: unknown config key '{key}'.{extra}") from None
     except ValidationError as e:
-        msg = (e.msg or str(e)).splitlines()[0] if (e.msg or str(e)) else "invalid value"
         key = e.full_key or key_hint or "?"
+        node = getattr(e, "child_node", None)
+        if isinstance(node, LiteralNode):  # a choice (typing.Literal field): name the allowed values
+            allowed = ", ".join(str(v) for v in node.ref_type.__args__)
+            raise ConfigError(f"config key '{key}': must be one of {allowed}; got {e.value!r} ({origin})") from None
+        msg = (e.msg or str(e)).splitlines()[0] if (e.msg or str(e)) else "invalid value"
         raise ConfigError(f"{origin}: bad value for '{key}': {msg}") from None
 
 
+def _defaults_of(raw: DictConfig, path: Path) -> list[Path]:
+    """The files named by the `defaults:` list of `raw` (popped from it), each checked to exist."""
+    names = raw.pop(DEFAULTS_KEY, None)
+    if names is None:
+        return []
+    if not isinstance(names, ListConfig) or not all(isinstance(n, str) and n for n in names):
+        shown = OmegaConf.to_container(names) if isinstance(names, (ListConfig, DictConfig)) else names
+        raise ConfigError(
+            f"{path}: '{DEFAULTS_KEY}' must be a list of shipped config names such as "
+            f"[{', '.join(config_parts())}]; got {shown!r}"
+        )
+    root = CONFIG_DIR.resolve()
+    files = []
+    for name in names:
+        f = CONFIG_DIR / f"{name}.yaml"
+        if root not in f.resolve().parents or not f.is_file():
+            known = config_parts() + shipped_configs()
+            hint = difflib.get_close_matches(name, known, n=1)
+            extra = f" Did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"{path}: {DEFAULTS_KEY} entry {name!r} is not a shipped config or part ({', '.join(known)}).{extra}"
+            )
+        files.append(f)
+    return files
+
+
+def _yaml_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, Any]]:
+    """(file, its keys) for `path` and, first, its `defaults:` (recursively, in order)."""
+    raw = OmegaConf.load(path)
+    layers: list[tuple[Path, Any]] = []
+    if isinstance(raw, DictConfig):
+        chain = (*chain, path.resolve())
+        for part in _defaults_of(raw, path):
+            if part.resolve() in chain:
+                cycle = " -> ".join(str(p) for p in (*chain[chain.index(part.resolve()) :], part))
+                raise ConfigError(f"{path}: {DEFAULTS_KEY} cycle: {cycle}")
+            layers.extend(_yaml_layers(part, chain))
+    layers.append((path, raw))
+    return layers
+
+
+def config_files(name_or_path: str) -> list[Path]:
+    """The YAML files that `load_config(name_or_path)` merges, in merge order (later ones win)."""
+    return [path for path, _ in _yaml_layers(resolve_config_path(name_or_path))]
+
+
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML (shipped name or path) <- dotlist overrides, validated.
+    """Defaults <- YAML (shipped name or path; its `defaults:` parts first) <- dotlist overrides, validated.
 
     Raises:
         ConfigError: naming the key for unknown keys, wrong types and bad values.
@@ -246,7 +322,8 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str
     cfg = OmegaConf.structured(Config)
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        for file, keys in _yaml_layers(path):
+            cfg = _merge(cfg, keys, str(file))
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -282,14 +359,6 @@ def save_config(cfg: Config, directory: str | os.PathLike, name: str = "config.y
 # ---------------------------------------------------------------- validation
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.task": ("gsm8k", "math", "arith"),
-    "data.on_bad_row": ("error", "skip"),
-    "train.algo": ("astar_po", "grpo"),
-    "train.placement": ("colocate", "separate"),
-    "resources.device": ("auto", "cpu", "cuda"),
-}
 
 
 def is_local_path(s: str) -> bool:
@@ -309,13 +378,10 @@ def _positive(cfg: Config, key: str, value: float, allow_zero: bool = False) -> 
 
 
 def validate(cfg: Config) -> None:
-    """Check values and relations between keys. Raises ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            _fail(key, f"must be one of {choices}, got {value!r}")
+    """Check values and relations between keys. Raises ConfigError naming the key.
 
+    Choices (typing.Literal fields) and types are checked earlier, when the config is merged.
+    """
     if cfg.model.path != TINY_MODEL and is_local_path(cfg.model.path):
         if not Path(cfg.model.path).expanduser().exists():
             _fail("model.path", f"model directory {cfg.model.path!r} does not exist")
@@ -325,6 +391,12 @@ def validate(cfg: Config) -> None:
                 _fail(key, "'synthetic' prompts exist only for data.task=arith")
         elif not src.startswith("hf:") and "://" not in src and not Path(src).expanduser().exists():
             _fail(key, f"prompt file {src!r} does not exist")
+    for key, limit in (
+        ("data.max_train_prompts", cfg.data.max_train_prompts),
+        ("data.max_eval_prompts", cfg.data.max_eval_prompts),
+    ):
+        if limit is not None and limit < 1:
+            _fail(key, f"must be >= 1 (or null for all), got {limit}")
 
     if cfg.vstar.num_samples < 1:
         _fail("vstar.num_samples", f"N must be >= 1, got {cfg.vstar.num_samples}")
@@ -356,8 +428,6 @@ def validate(cfg: Config) -> None:
         _positive(cfg, f"train.{key}", getattr(t, key))
     for key in ("weight_decay", "grad_clip", "entropy_coef", "kl_coef", "clip_eps", "warmup_steps", "num_steps"):
         _positive(cfg, f"train.{key}", getattr(t, key), allow_zero=True)
-    if t.zero_stage not in (0, 1, 2, 3):
-        _fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     if t.rollout_batch_size % t.mini_batch_size:
         _fail(
             "train.mini_batch_size", f"{t.mini_batch_size} must divide train.rollout_batch_size={t.rollout_batch_size}"
@@ -376,6 +446,7 @@ def validate(cfg: Config) -> None:
         )
     for key, value in (
         ("engine.tensor_parallel_size", cfg.engine.tensor_parallel_size),
+        ("engine.cpu_kvcache_gib", cfg.engine.cpu_kvcache_gib),
         ("eval.num_actors", cfg.eval.num_actors),
     ):
         if value < 1:

@@ -32,10 +32,10 @@ def _remove_previous_stage2(out: Path) -> None:
 
 
 def run(cfg: Config) -> dict:
-    from apo_ray import eval as evaluation
-    from apo_ray import train, vstar
+    from apo_ray import evaluation, train, vstar
     from apo_ray.data import load_prompts
-    from apo_ray.utils import init_ray, resolve_model
+    from apo_ray.model import resolve_model
+    from apo_ray.runtime import init_ray
 
     run_dir = Path(cfg.train.output_dir).expanduser().resolve().parent
     run_dir.mkdir(parents=True, exist_ok=True)

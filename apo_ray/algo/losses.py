@@ -7,7 +7,7 @@ A*-PO (arXiv 2505.20686), one on-policy completion y per prompt x:
 a sequence-level sum of token log-ratios: no length normalisation, no importance ratio, no
 clipping, as the paper's official code. Departures / additions:
 - ``normalizer`` replaces the 1/B so micro-batched and data-parallel losses add up to the
-  global mean; the plumbing computes it (STYLE.md #3).
+  global mean; the caller computes it over all ranks and micro-batches and passes it in.
 - optional entropy bonus ``- entropy_coef * token-mean(entropy)``: the official code uses
   0.001, the paper does not mention it; our default is 0.
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from apo_ray.config import DataConfig
-from apo_ray.data.sources import DataError, RawRow, file_rows, hf_rows, is_hf_source, synthetic_rows
+from apo_ray.data.sources import RawRow, file_rows, hf_rows, is_hf_source, synthetic_rows
 from apo_ray.data.tasks import (
     RowProblem,
     base_prompt_id,
@@ -35,6 +35,7 @@ from apo_ray.data.tasks import (
     question_of,
     reference_answer,
 )
+from apo_ray.errors import DataError
 
 __all__ = ["DataError", "PromptSet", "load_prompts", "fingerprint_rows"]
 
@@ -70,16 +71,10 @@ def _split_settings(data: DataConfig, split: str) -> tuple[str, str, int | None]
     """(source, split name for hf:, max prompts) of `split`."""
     if split not in SPLITS:
         raise ValueError(f"load_prompts: split must be one of {SPLITS}, got {split!r}")
+    # data.max_*_prompts >= 1 and data.on_bad_row are checked when the config is loaded (apo_ray.config).
     if split == "train":
-        settings = (data.train_source, data.train_split, data.max_train_prompts)
-    else:
-        settings = (data.eval_source, data.eval_split, data.max_eval_prompts)
-    limit = settings[2]
-    if limit is not None and limit < 1:
-        raise DataError(f"data.max_{split}_prompts must be >= 1 (or null for all), got {limit}")
-    if data.on_bad_row not in ("error", "skip"):
-        raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {data.on_bad_row!r}")
-    return settings
+        return data.train_source, data.train_split, data.max_train_prompts
+    return data.eval_source, data.eval_split, data.max_eval_prompts
 
 
 def _raw_rows(data: DataConfig, split: str, source: str, hf_split: str) -> Iterator[RawRow]:

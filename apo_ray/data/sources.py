@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from apo_ray.config import ArithConfig
 from apo_ray.data.arith import arith_problems
+from apo_ray.errors import DataError
+from apo_ray.storage import get_fs
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
-
-
-class DataError(ValueError):
-    """Prompt data that cannot be used; the message names the file and the row."""
 
 
 @dataclass(frozen=True)
@@ -102,15 +99,10 @@ def hf_rows(source: str, split: str) -> Iterator[RawRow]:
 
 
 def _filesystem(source: str) -> tuple[Any, str]:
-    """(pyarrow FileSystem, path) for a local path or a URI."""
-    import pyarrow as pa
-    from pyarrow import fs as pafs
-
-    if "://" not in source:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
+    """(pyarrow FileSystem, path) for a local path or a URI; DataError naming the source if it cannot open."""
     try:
-        return pafs.FileSystem.from_uri(source)
-    except (pa.ArrowException, OSError, ValueError) as e:
+        return get_fs(source)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"data source {source!r}: cannot open ({e})") from e
 
 

@@ -1,5 +1,13 @@
-"""The project's own tiny model: a char-level Qwen2 warm-started on arithmetic (see `tiny`)."""
+"""Models: resolving what a config names (`resolve`) and the project's own tiny model (`tiny`)."""
 
-from apo_ray.model.tiny import build_tiny_model, ensure_tiny_model, resolve_model_path
+from apo_ray.model.resolve import check_model_dir, resolve_eval_model, resolve_model, same_model
+from apo_ray.model.tiny import build_tiny_model, ensure_tiny_model
 
-__all__ = ["build_tiny_model", "ensure_tiny_model", "resolve_model_path"]
+__all__ = [
+    "build_tiny_model",
+    "check_model_dir",
+    "ensure_tiny_model",
+    "resolve_eval_model",
+    "resolve_model",
+    "same_model",
+]

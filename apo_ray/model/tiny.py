@@ -22,7 +22,7 @@ that transformers and vLLM(-CPU) both load:
 
 `ensure_tiny_model` builds once per recipe into a cache (``$APO_RAY_CACHE`` or
 ``~/.cache/apo_ray``), atomically and safely under concurrent callers;
-`resolve_model_path` maps ``"tiny"`` to that directory.
+`apo_ray.model.resolve_model` maps ``"tiny"`` to that directory.
 
 Run: ``apo-ray make-tiny-model OUT [--no-sft]``; ``model.path: tiny`` builds it on first use.
 """
@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray.data.arith import arith_problems
+from apo_ray.rewards.arith import arith_reward
 
 # Bump when the build changes in a way the recipe fields do not capture (invalidates caches).
 TINY_VERSION = 1
-TINY_NAME = "tiny"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 RECIPE_FILE = "tiny_recipe.json"
@@ -271,15 +271,6 @@ def sft_arith(model, tok, rec: TinyRecipe) -> dict[str, Any]:
     }
 
 
-def arith_correct(completion: str, answer: str) -> bool:
-    """The arith reward: the completion's first line, stripped, is an integer equal to `answer`."""
-    first = completion.split("\n", 1)[0].strip()
-    try:
-        return int(first) == int(answer)
-    except ValueError:
-        return False
-
-
 def arith_accuracy(
     model, tok, problems: list[dict], *, greedy: bool, max_tokens: int = 8, temperature: float = 1.0, generator=None
 ) -> float:
@@ -313,7 +304,7 @@ def arith_accuracy(
             for row, (_, answer) in zip(out_BT.tolist(), group):
                 if tok.eos_token_id in row:
                     row = row[: row.index(tok.eos_token_id)]
-                correct += arith_correct(tok.decode(row, skip_special_tokens=True), answer)
+                correct += arith_reward(tok.decode(row, skip_special_tokens=True), answer) >= 1.0
     return correct / max(1, len(problems))
 
 
@@ -363,8 +354,3 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, **recipe: Any)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return final
-
-
-def resolve_model_path(path: str) -> str:
-    """``"tiny"`` -> the cached tiny model directory (built if needed); any other path or hub id unchanged."""
-    return str(ensure_tiny_model()) if path == TINY_NAME else path

@@ -1,7 +1,8 @@
 """Verifiable rewards r(x, y) in {0, 1}: answer extraction and checking for GSM8K, MATH and arith.
 
 `get_reward_fn(name)` returns `fn(completion, answer) -> float` for a built-in name or a
-user's "package.module:function"; `reward_fn_name(task, fn)` resolves the configured name.
+user's "package.module:function"; `reward_fn_name(task, fn)` resolves the configured name;
+`RewardScorer` is the one error policy every stage scores with (see `score`).
 Completions are untrusted model output: the built-ins never evaluate them, never raise on
 them, and answer in well under a second on any input up to 100,000 characters. The same
 function scores Stage 1 and Stage 2 (the paper's code uses a looser GSM8K extractor in
@@ -12,10 +13,12 @@ from apo_ray.rewards.arith import arith_reward
 from apo_ray.rewards.gsm8k import extract_gsm8k_answer, gsm8k_reward
 from apo_ray.rewards.math_reward import extract_boxed, math_reward, normalize_math, parse_math_number
 from apo_ray.rewards.registry import BUILTIN_REWARDS, RewardFn, get_reward_fn, reward_fn_name
+from apo_ray.rewards.score import RewardScorer, score
 
 __all__ = [
     "BUILTIN_REWARDS",
     "RewardFn",
+    "RewardScorer",
     "arith_reward",
     "extract_boxed",
     "extract_gsm8k_answer",
@@ -25,4 +28,5 @@ __all__ = [
     "normalize_math",
     "parse_math_number",
     "reward_fn_name",
+    "score",
 ]

@@ -128,6 +128,10 @@ class RolloutEngine:
         if not self.on_cpu:
             # GPU path (untested here): memory share, sleep mode, native weight transfer.
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+            if tensor_parallel_size > 1:
+                # The owning actor reserved the tp GPUs (`apo_ray.launch`); vLLM's "ray" executor
+                # would ask Ray for tp more from inside it. "mp" runs the tp workers in them.
+                kwargs["distributed_executor_backend"] = "mp"
             if self.sync_backend in ("ipc", "nccl"):
                 kwargs["weight_transfer_config"] = {"backend": self.sync_backend}
             if self.sync_backend == "ipc":

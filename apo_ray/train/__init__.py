@@ -1,4 +1,9 @@
-"""Stage 2: A*-PO / GRPO with Ray Train + DeepSpeed learners + colocated vLLM (see apo_ray.train.loop)."""
+"""Stage 2: A*-PO / GRPO with Ray Train + DeepSpeed learners + colocated vLLM.
+
+`loop` is the driver (`run`), `recipe` the step every worker runs (generate, score, update,
+sync), `learner` the DeepSpeed rank, `checkpoint` save / resume / export, `data` the prompt
+stream joined with Stage 1's V*, `plan` the values derived from the config.
+"""
 
 
 def run(cfg):

@@ -17,14 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apo_ray.config import Config, ConfigError
-from apo_ray.utils import fs_exists, fs_read_json, get_fs
+from apo_ray.config import Config
+from apo_ray.errors import ConfigError, VStarMismatchError
+from apo_ray.storage import fs_exists, fs_read_json, get_fs
 
 log = logging.getLogger("apo_ray.train")
-
-
-class VStarMismatchError(ValueError):
-    """Stage 1's output does not fit this Stage 2 run (missing prompt, other reward function)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Stage 2 learner: one DeepSpeed data-parallel rank that regresses the policy onto A*-PO targets.
 
-A plain class, no Ray: the training loop (apo_ray/train/loop.py) builds one per Ray Train worker,
+A plain class, no Ray: the Stage 2 recipe (apo_ray/train/recipe.py) builds one per Ray Train worker,
 where torch.distributed is already initialised (gloo on CPU, nccl on GPU), and calls, per step,
 ``train_minibatch`` on this rank's shard of each mini-batch, ``named_weights`` to push weights into
 the rollout engine, and ``save_checkpoint`` / ``load_checkpoint`` for fault tolerance.
@@ -11,7 +11,7 @@ log pi(input_ids[t] | input_ids[:t]) for t >= 1 and ``logp_BT[:, 0] = 0``. ``res
 on the positions of response tokens (the *predicted* tokens), ``engine_logp_BT`` holds the rollout
 engine's log-probs on the same positions.
 
-Normalisers (STYLE.md #3): DeepSpeed divides each micro-batch loss by the gradient-accumulation
+Normalisers (global counts, computed here and passed to the losses): DeepSpeed divides each micro-batch loss by the gradient-accumulation
 steps G and averages gradients over the W ranks. The loss of a micro-batch is therefore divided by
 ``M / (W * G)``, M = sequences (A*-PO) or response tokens (GRPO) in the whole optimizer step, so the
 update is the gradient of the mean over all M.
@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import TrainConfig
+from apo_ray.train.dist import comm_device, global_sum
 
 # Tokenizer files copied next to saved weights, so a saved dir is a full HF / vLLM model dir.
 _TOKENIZER_GLOBS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.jinja")
@@ -307,14 +308,6 @@ class Learner:
             model.train(was_training)
         return out * (batch.attention_mask_BT > 0)
 
-    def _global_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-
-    def _comm_device(self) -> torch.device:
-        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
     # ------------------------------------------------------------ training
 
     def train_minibatch(
@@ -351,7 +344,7 @@ class Learner:
             )
         t0 = time.perf_counter()
         if num_tokens is None:
-            num_tokens = int(self._global_sum(float(mb.response_mask_BT.sum())))
+            num_tokens = int(global_sum(float(mb.response_mask_BT.sum())))
         scale = self.world_size * self.gas  # DeepSpeed divides by both (1/G in backward, mean over W)
         self.engine.train()
         lr = self.current_lr()
@@ -437,7 +430,7 @@ class Learner:
         self, acc: dict[str, float], gap_max: float, scale: int, lr: float, local_norm: float, seconds: float
     ) -> dict:
         keys = sorted(acc)
-        dev = self._comm_device()
+        dev = comm_device()
         sums = torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=dev)
         torch.distributed.all_reduce(sums)
         gmax = torch.tensor([gap_max], dtype=torch.float64, device=dev)

@@ -29,36 +29,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
-from apo_ray.config import Config, ConfigError, to_dict, to_yaml
-from apo_ray.utils import (
-    check_model_dir,
+from apo_ray.config import Config, to_dict, to_yaml
+from apo_ray.errors import ConfigError
+from apo_ray.launch import EngineSpec, build_engine, engine_spec, fan_out, pool_item
+from apo_ray.model import check_model_dir, resolve_model
+from apo_ray.runtime import init_ray, resolve_device, resolve_dtype, versions, worker_env
+from apo_ray.storage import (
+    OutputLock,
     check_writable,
     fs_exists,
     fs_read_json,
     fs_write_bytes,
     fs_write_json,
     get_fs,
-    host_and_pid,
-    init_ray,
-    pid_alive,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-    versions,
-    worker_env,
+    remove_partial_writes,
 )
 
 log = logging.getLogger("apo_ray.vstar")
-
-LOCK_STALE_S = 120.0  # a lock whose heartbeat is older than this (and whose pid is gone) is stale
-
-
-class OutputLockedError(RuntimeError):
-    pass
 
 
 def shard_name(i: int) -> str:
@@ -77,7 +67,7 @@ class Stage1Plan:
     dtype: str
     device: str
     reward_fn: str
-    max_model_len: int
+    engine: EngineSpec
     num_shards: int
     plan_hash: str
 
@@ -89,29 +79,18 @@ class ShardSampler:
     """Ray Data callable class: one vLLM engine; each input row is one shard to sample, score and write."""
 
     def __init__(self, cfg_dict: dict, plan: Stage1Plan, out_uri: str):
+        from transformers import AutoTokenizer
+
         from apo_ray.config import config_from_dict
-        from apo_ray.rewards import get_reward_fn
-        from apo_ray.rollout.engine import RolloutEngine
+        from apo_ray.rewards import RewardScorer, get_reward_fn
 
         self.cfg = config_from_dict(cfg_dict)
         self.plan = plan
         self.fs, self.out = get_fs(out_uri)
-        self.reward_fn = get_reward_fn(plan.reward_fn)
-        e = self.cfg.engine
-        self.engine = RolloutEngine(
-            plan.model_path,
-            dtype=plan.dtype,
-            max_model_len=plan.max_model_len,
-            seed=self.cfg.sampling.seed,
-            tensor_parallel_size=e.tensor_parallel_size,
-            gpu_memory_utilization=e.gpu_memory_utilization,
-            enforce_eager=e.enforce_eager,
-            max_num_seqs=e.max_num_seqs,
-        )
-        from transformers import AutoTokenizer
-
+        self.scorer = RewardScorer(get_reward_fn(plan.reward_fn), plan.reward_fn)
+        self.engine = build_engine(plan.engine)
         self.tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
-        self._metrics = _stage1_metrics()
+        self._metrics = _Stage1Metrics()
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard": [], "prompts": [], "rows": [], "tokens": [], "seconds": []}
@@ -136,7 +115,8 @@ class ShardSampler:
         lengths = [len(t) for t in self.tokenizer(prompts)["input_ids"]]
         keep = [j for j, length in enumerate(lengths) if length <= s.max_prompt_tokens]
         too_long = [ids[j] for j, length in enumerate(lengths) if length > s.max_prompt_tokens]
-        rewards, completions, tokens, errors, first_error = [], [], 0, 0, None
+        rewards, completions, tokens = [], [], 0
+        self.scorer.reset()
         bs = cfg.vstar.batch_size
         for c0 in range(0, len(keep), bs):
             chunk = keep[c0 : c0 + bs]
@@ -149,19 +129,10 @@ class ShardSampler:
                 seed=s.seed + shard * cfg.vstar.shard_size + c0,  # engine adds the prompt's index in the call
             )
             for j, res in zip(chunk, results):
-                row = []
-                for comp in res.completions:
-                    tokens += len(comp.token_ids)
-                    try:
-                        r = float(self.reward_fn(comp.text, answers[j]))
-                    except Exception as e:  # noqa: BLE001 - a failing reward is counted, scored 0, and logged once
-                        r, errors = 0.0, errors + 1
-                        if first_error is None:
-                            first_error = f"prompt {ids[j]}: {type(e).__name__}: {e}"
-                            log.warning("reward function %s raised (scored 0): %s", self.plan.reward_fn, first_error)
-                    row.append(r)
-                rewards.append(row)
+                tokens += sum(len(c.token_ids) for c in res.completions)
+                rewards.append([self.scorer(c.text, answers[j], where=f"prompt {ids[j]}") for c in res.completions])
                 completions.append([c.text for c in res.completions])
+        errors, first_error = self.scorer.reset()
         r_PN = np.asarray(rewards, dtype=np.float64).reshape(len(keep), n)
         v_P = vstar(r_PN, cfg.vstar.beta1) if len(keep) else np.zeros(0)
         solvable = r_PN.max(axis=1) > 0 if len(keep) else np.zeros(0, dtype=bool)
@@ -220,56 +191,6 @@ class _Stage1Metrics:
         self.reward_mean.set(reward_mean)
 
 
-def _stage1_metrics() -> _Stage1Metrics:
-    return _Stage1Metrics()
-
-
-# ---------------------------------------------------------------- the lock
-
-
-class OutputLock:
-    """`.lock` in the output directory, with a heartbeat. A second writer is refused while the
-    holder's process is alive (same host) or its heartbeat is fresh (other hosts, object stores)."""
-
-    def __init__(self, fs, out: str, uri: str):
-        self.fs, self.path, self.uri = fs, f"{out}/.lock", uri
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> None:
-        me = host_and_pid()
-        if fs_exists(self.fs, self.path):
-            try:
-                other = fs_read_json(self.fs, self.path)
-            except Exception:  # noqa: BLE001 - unreadable lock: treat as stale
-                other = {}
-            alive = other.get("host") == me["host"] and pid_alive(int(other.get("pid", -1)))
-            fresh = other.get("host") != me["host"] and time.time() - float(other.get("time", 0)) < LOCK_STALE_S
-            if alive or fresh:
-                raise OutputLockedError(
-                    f"vstar.output_dir {self.uri!r} is being written by another job "
-                    f"(host {other.get('host')}, pid {other.get('pid')}); wait for it or use another directory. "
-                    f"If that job is dead, delete {self.path}."
-                )
-            log.warning(
-                "taking over a stale lock in %s (host %s, pid %s)", self.uri, other.get("host"), other.get("pid")
-            )
-        fs_write_json(self.fs, self.path, me)
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(LOCK_STALE_S / 4):
-            fs_write_json(self.fs, self.path, host_and_pid())
-
-    def release(self) -> None:
-        self._stop.set()
-        try:
-            self.fs.delete_file(self.path)
-        except Exception:  # noqa: BLE001
-            pass
-
-
 # ---------------------------------------------------------------- the driver
 
 
@@ -290,12 +211,13 @@ def make_plan(cfg: Config, model_path: str, device: str, fingerprint: str, num_p
         "filter_unsolvable": v.filter_unsolvable,
         "keep_completions": v.keep_completions,
     }
+    dtype = resolve_dtype(cfg.model.dtype, device)
     plan = Stage1Plan(
         model_path=model_path,
-        dtype=resolve_dtype(cfg.model.dtype, device),
+        dtype=dtype,
         device=device,
         reward_fn=reward,
-        max_model_len=cfg.sampling.max_prompt_tokens + cfg.sampling.max_tokens,
+        engine=engine_spec(cfg, model_path=model_path, dtype=dtype, seed=cfg.sampling.seed),
         num_shards=(num_prompts + v.shard_size - 1) // v.shard_size,
         plan_hash=hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:16],
     )
@@ -322,17 +244,8 @@ def _prepare_output(fs, out: str, uri: str, plan: Stage1Plan, pinned: dict, over
     else:
         fs_write_json(fs, plan_path, {"plan_hash": plan.plan_hash, "pinned": pinned})
     fs.create_dir(f"{out}/_stats", recursive=True)
-    _remove_partial_writes(fs, out)
+    remove_partial_writes(fs, out)
     return {i for i in range(plan.num_shards) if fs_exists(fs, f"{out}/{shard_name(i)}")}
-
-
-def _remove_partial_writes(fs, out: str) -> None:
-    """Delete temp files a crashed run left behind (local disks write tmp + rename)."""
-    import pyarrow.fs as pafs
-
-    for info in fs.get_file_info(pafs.FileSelector(out, recursive=True)):
-        if ".tmp-" in info.base_name:
-            fs.delete_file(info.path)
 
 
 def run(cfg: Config) -> dict:
@@ -392,52 +305,23 @@ def run(cfg: Config) -> dict:
 
 
 def _run_shards(cfg: Config, plan: Stage1Plan, uri: str, rows: list[dict], todo: list[int], device: str) -> None:
-    import ray
-
     size = cfg.vstar.shard_size
-    items = []
-    for i in todo:
-        part = rows[i * size : (i + 1) * size]
-        items.append(
-            {
-                "shard": i,
-                "prompt_id": [r["prompt_id"] for r in part],
-                "prompt": [r["prompt"] for r in part],
-                "answer": [r["answer"] for r in part],
-            }
-        )
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    remote_args: dict = {"runtime_env": {"env_vars": worker_env(cfg, device)}}
-    tp = cfg.engine.tensor_parallel_size
-    if device == "cuda":
-        # TP > 1: the engine uses vLLM's Ray executor, which reserves its own GPUs (untested here).
-        remote_args.update(num_gpus=1 if tp == 1 else 0, num_cpus=1)
-    else:
-        remote_args.update(num_cpus=cfg.resources.cpus_per_actor)
-    results = ds.map_batches(
+    items = [pool_item(rows[i * size : (i + 1) * size], shard=i) for i in todo]
+    for _ in fan_out(
+        cfg,
+        device,
         ShardSampler,
-        fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "plan": plan, "out_uri": uri},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.vstar.min_actors, max_size=cfg.vstar.max_actors),
-        **remote_args,
-    )
-    total = sum(len(it["prompt_id"]) for it in items)
-    done = tokens = 0
-    t0 = last = time.time()
-    for row in results.iter_rows():
-        done += int(row["prompts"])
-        tokens += int(row["tokens"])
-        now = time.time()
-        if now - last >= cfg.vstar.log_every_s or done == total:
-            last = now
-            log.info(
-                "Stage 1 progress: %d/%d prompts (%.1f%%), %.1f prompts/s, %.0f tokens/s",
-                done,
-                total,
-                100 * done / max(total, 1),
-                done / (now - t0),
-                tokens / (now - t0),
-            )
+        {"cfg_dict": to_dict(cfg), "plan": plan, "out_uri": uri},
+        items,
+        min_actors=cfg.vstar.min_actors,
+        max_actors=cfg.vstar.max_actors,
+        env=worker_env(cfg, device),
+        label="Stage 1",
+        total_prompts=sum(len(it["prompt_id"]) for it in items),
+        count=lambda row: (int(row["prompts"]), int(row["tokens"])),
+        log_every_s=cfg.vstar.log_every_s,
+    ):
+        pass  # each shard is written by its actor; the rows are progress
 
 
 def _write_manifest(cfg: Config, plan: Stage1Plan, fs, out: str, prompts, t_start: float, gen_s: float) -> dict:

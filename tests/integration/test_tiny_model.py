@@ -13,7 +13,8 @@ import time
 import pytest
 
 from apo_ray.data.arith import arith_problems
-from apo_ray.model.tiny import RECIPE_FILE, arith_correct
+from apo_ray.model.tiny import RECIPE_FILE
+from apo_ray.rewards import arith_reward
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,7 @@ def test_vllm_sampled_accuracy_leaves_room_for_rl(llm):
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8, seed=0)
     outs = llm.generate([p["question"] for p in problems], params, use_tqdm=False)
     finished = sum(o.outputs[0].finish_reason == "stop" for o in outs)
-    acc = sum(arith_correct(o.outputs[0].text, p["answer"]) for o, p in zip(outs, problems)) / len(problems)
+    acc = sum(arith_reward(o.outputs[0].text, p["answer"]) for o, p in zip(outs, problems)) / len(problems)
     print(f"tiny model, vLLM sampled accuracy (T=1, 200 eval problems): {acc:.3f}; stopped at EOS: {finished}")
     assert finished >= 0.9 * len(problems)
     assert 0.2 <= acc <= 0.8

@@ -145,7 +145,7 @@ def test_grpo_two_learners(ray_session, tiny_model_dir, tmp_path):
 
 def test_missing_vstar_row_is_an_error(ray_session, tiny_model_dir, vstar_dir, tmp_path):
     from apo_ray import train
-    from apo_ray.train.data import VStarMismatchError
+    from apo_ray.errors import VStarMismatchError
 
     # Stage 1 ran on the default 512 prompts; a different seed gives prompts it never saw.
     cfg = train_config(tiny_model_dir, vstar_dir, tmp_path / "t", "data.arith.seed=7")

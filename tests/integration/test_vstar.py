@@ -17,7 +17,7 @@ import pytest
 from itest_utils import REPO, demo_config
 
 from apo_ray.config import ConfigError
-from apo_ray.utils import host_and_pid
+from apo_ray.storage import host_and_pid
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def test_bad_model_path_and_unwritable_output_fail_before_actors(tmp_path):
 
 def test_second_writer_is_refused(tiny_model_dir, tmp_path):
     from apo_ray import vstar
-    from apo_ray.vstar.pipeline import OutputLockedError
+    from apo_ray.errors import OutputLockedError
 
     out = tmp_path / "vstar"
     out.mkdir()

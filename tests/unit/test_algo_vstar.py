@@ -11,7 +11,7 @@ import torch
 from apo_ray.algo import vstar
 
 N = 8
-# beta1 = 0.5: V* = 0.5 * ln((8 - k + k e^2) / 8) = 0.5 * ln(1 - k/8 + (k/8) e^2), k = 0..8 (DESIGN.md).
+# beta1 = 0.5: V* = 0.5 * ln((8 - k + k e^2) / 8) = 0.5 * ln(1 - k/8 + (k/8) e^2), k = 0..8 (paper defaults N = 8, beta1 = 0.5).
 PAPER_TABLE = [0.0, 0.294, 0.477, 0.611, 0.717, 0.804, 0.878, 0.943, 1.0]
 
 

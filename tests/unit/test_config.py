@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import apo_ray.config as config_module
 from apo_ray.config import (
     CONFIG_DIR,
     Config,
     ConfigError,
+    config_files,
     config_from_dict,
+    config_parts,
     is_local_path,
     load_config,
     save_config,
@@ -329,3 +332,175 @@ def test_type_error_message_is_one_line():
 
 def test_infinite_learning_rate_is_rejected():
     error_of("demo", ["train.lr=inf"])
+
+
+# ---------------------------------------------------------------- choices (typing.Literal fields)
+
+
+def test_bad_choice_message_lists_the_allowed_values_and_the_origin(tmp_path: Path):
+    assert error_of("demo", ["train.algo=ppo"]) == (
+        "config key 'train.algo': must be one of astar_po, grpo; got 'ppo' (command line)"
+    )
+    assert error_of("demo", ["train.zero_stage=4"]) == (
+        "config key 'train.zero_stage': must be one of 0, 1, 2, 3; got 4 (command line)"
+    )
+    path = tmp_path / "bad.yaml"
+    path.write_text("resources:\n  device: tpu\n")
+    assert error_of(str(path)) == (f"config key 'resources.device': must be one of auto, cpu, cuda; got 'tpu' ({path})")
+
+
+def test_choices_are_plain_values():
+    cfg = load_config("demo", ["train.algo=grpo", "model.dtype=bfloat16", "train.zero_stage=3"])
+    assert type(cfg.train.algo) is str and cfg.train.algo == "grpo"
+    assert type(cfg.model.dtype) is str and type(cfg.train.zero_stage) is int and cfg.train.zero_stage == 3
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_bad_choice_in_a_config_dict_names_the_key():
+    d = to_dict(load_config("demo"))
+    d["data"]["on_bad_row"] = "ignore"
+    with pytest.raises(ConfigError, match=r"^config key 'data\.on_bad_row': must be one of error, skip"):
+        config_from_dict(d)
+
+
+# ---------------------------------------------------------------- engine.cpu_kvcache_gib and data limits
+
+
+def test_cpu_kvcache_gib_is_a_whole_number_of_gib():
+    cfg = load_config("demo", ["engine.cpu_kvcache_gib=4"])
+    assert cfg.engine.cpu_kvcache_gib == 4 and type(cfg.engine.cpu_kvcache_gib) is int
+    assert load_config().engine.cpu_kvcache_gib == 1
+    msg = error_of("demo", ["engine.cpu_kvcache_gib=1.5"])
+    assert msg.startswith("command line: bad value for 'engine.cpu_kvcache_gib'"), msg
+    for bad in ("0", "-2"):
+        msg = error_of("demo", [f"engine.cpu_kvcache_gib={bad}"])
+        assert msg.startswith("config key 'engine.cpu_kvcache_gib': must be >= 1"), msg
+
+
+@pytest.mark.parametrize("key", ["data.max_train_prompts", "data.max_eval_prompts"])
+def test_prompt_limits_must_be_positive_or_null(key):
+    for bad in ("0", "-1"):
+        msg = error_of("demo", [f"{key}={bad}"])
+        assert msg.startswith(f"config key '{key}': must be >= 1"), msg
+    assert getattr(load_config("demo", [f"{key}=1"]).data, key.split(".")[1]) == 1
+    assert getattr(load_config("demo", [f"{key}=null"]).data, key.split(".")[1]) is None
+
+
+def test_eval_num_actors_must_be_positive():
+    assert error_of("demo", ["eval.num_actors=0"]).startswith("config key 'eval.num_actors':")
+
+
+# ---------------------------------------------------------------- `defaults:` lists of shipped parts
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_parts_are_not_listed_as_runnable_configs():
+    names = shipped_configs()
+    assert not any(n.startswith("parts/") for n in names)
+    assert {"parts/paper", "parts/task_gsm8k", "parts/task_math", "parts/qwen2.5_7b"} <= set(config_parts())
+
+
+@pytest.mark.parametrize("how", ["name", "path"])
+def test_a_part_is_not_a_runnable_config(how):
+    name = "parts/paper" if how == "name" else str(CONFIG_DIR / "parts" / "paper.yaml")
+    msg = error_of(name)
+    assert msg.startswith(f"--config {name!r}: a config part") and "defaults: [parts/paper" in msg
+
+
+def test_user_yaml_starts_from_shipped_parts_then_its_own_keys(tmp_path: Path):
+    path = write(
+        tmp_path / "mine.yaml",
+        "defaults: [parts/paper, parts/task_math, parts/qwen2.5_3b]\ntrain:\n  lr: 2.0e-6\n  output_dir: out/train\n",
+    )
+    cfg = load_config(str(path), ["train.num_steps=10"])
+    assert cfg.vstar.num_samples == 8 and cfg.train.rollout_batch_size == 256  # parts/paper
+    assert cfg.data.task == "math" and cfg.reward.fn == "math"  # parts/task_math
+    assert cfg.model.path == "Qwen/Qwen2.5-3B" and cfg.train.micro_batch_size == 2  # parts/qwen2.5_3b
+    assert cfg.train.lr == 2e-6 and cfg.train.output_dir == "out/train"  # the file's own keys win
+    assert cfg.train.num_steps == 10  # the command line wins over everything
+    assert config_files(str(path)) == [
+        *(CONFIG_DIR / f"{p}.yaml" for p in ("parts/paper", "parts/task_math", "parts/qwen2.5_3b")),
+        path,
+    ]
+
+
+def test_defaults_are_merged_in_order_later_wins(tmp_path: Path):
+    for order, (stage, micro, model) in {
+        "parts/qwen2.5_7b, parts/qwen2.5_3b": (2, 2, "Qwen/Qwen2.5-3B"),
+        "parts/qwen2.5_3b, parts/qwen2.5_7b": (3, 1, "Qwen/Qwen2.5-7B"),
+    }.items():
+        path = write(tmp_path / "order.yaml", f"defaults: [{order}]\n")
+        t = load_config(str(path))
+        assert (t.train.zero_stage, t.train.micro_batch_size, t.model.path) == (stage, micro, model)
+
+
+def test_defaults_may_name_a_shipped_config_with_its_own_defaults(tmp_path: Path):
+    path = write(tmp_path / "grpo.yaml", "defaults: [gsm8k_qwen2.5_7b]\ntrain:\n  algo: grpo\n")
+    cfg = load_config(str(path))
+    assert cfg == load_config("gsm8k_qwen2.5_7b", ["train.algo=grpo"])
+
+
+def test_a_file_without_defaults_is_unchanged_and_defaults_may_be_empty(tmp_path: Path):
+    path = write(tmp_path / "none.yaml", "defaults: []\nvstar:\n  num_samples: 4\n")
+    assert load_config(str(path)) == load_config(None, ["vstar.num_samples=4"])
+
+
+def test_unknown_part_names_the_file_and_suggests(tmp_path: Path):
+    path = write(tmp_path / "typo.yaml", "defaults: [parts/papr]\n")
+    msg = error_of(str(path))
+    assert msg.startswith(f"{path}: defaults entry 'parts/papr' is not a shipped config or part")
+    assert "Did you mean 'parts/paper'?" in msg
+
+
+@pytest.mark.parametrize("value", ["parts/paper", "{a: 1}", "[1]", "[null]"])
+def test_defaults_must_be_a_list_of_names(tmp_path: Path, value):
+    path = write(tmp_path / "bad.yaml", f"defaults: {value}\n")
+    assert error_of(str(path)).startswith(f"{path}: 'defaults' must be a list of shipped config names")
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for apo_ray/configs with parts the tests write."""
+    d = tmp_path / "configs"
+    (d / "parts").mkdir(parents=True)
+    monkeypatch.setattr(config_module, "CONFIG_DIR", d)
+    return d
+
+
+def test_defaults_cycle_names_the_file(tmp_path: Path, config_dir: Path):
+    a = write(config_dir / "parts" / "a.yaml", "defaults: [parts/b]\n")
+    b = write(config_dir / "parts" / "b.yaml", "defaults: [parts/a]\n")
+    path = write(tmp_path / "run.yaml", "defaults: [parts/a]\n")
+    msg = error_of(str(path))
+    assert msg.startswith(f"{b}: defaults cycle: ") and str(a) in msg
+    write(config_dir / "parts" / "self.yaml", "defaults: [parts/self]\n")
+    path = write(tmp_path / "self.yaml", "defaults: [parts/self]\n")
+    assert "defaults cycle" in error_of(str(path))
+
+
+def test_a_part_listed_twice_is_not_a_cycle(tmp_path: Path, config_dir: Path):
+    write(config_dir / "parts" / "lr.yaml", "train:\n  lr: 1.0e-5\n")
+    write(config_dir / "parts" / "both.yaml", "defaults: [parts/lr]\ntrain:\n  beta2: 0.01\n")
+    path = write(tmp_path / "run.yaml", "defaults: [parts/lr, parts/both]\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.lr, cfg.train.beta2) == (1e-5, 0.01)
+
+
+def test_errors_in_a_part_name_the_part(tmp_path: Path, config_dir: Path):
+    part = write(config_dir / "parts" / "bad.yaml", "vstar:\n  betaa1: 2\n")
+    path = write(tmp_path / "run.yaml", "defaults: [parts/bad]\n")
+    msg = error_of(str(path))
+    assert msg.startswith(f"{part}: unknown config key 'vstar.betaa1'")
+    write(part, "train:\n  algo: ppo\n")
+    assert error_of(str(path)).endswith(f"got 'ppo' ({part})")
+
+
+def test_defaults_stay_inside_the_config_dir(tmp_path: Path, config_dir: Path):
+    write(tmp_path / "outside.yaml", "train:\n  lr: 1.0e-5\n")
+    path = write(tmp_path / "run.yaml", "defaults: [../outside]\n")
+    assert "defaults entry '../outside' is not a shipped config or part" in error_of(str(path))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apo_ray.config import CONFIG_DIR, load_config, shipped_configs
+from apo_ray.config import CONFIG_DIR, config_files, config_parts, load_config, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -28,11 +28,13 @@ def test_shipped_config_loads_and_validates(name):
     load_config(name)
 
 
-@pytest.mark.parametrize("name", shipped_configs())
+@pytest.mark.parametrize("name", shipped_configs() + config_parts())
 def test_shipped_yaml_is_plain_yaml_with_typed_numbers(name):
     # Other tools read these files with a plain YAML 1.1 parser: "1e-6" would be a string there.
+    # The parts (apo_ray/configs/parts) are checked too: the paper configs take their numbers from them.
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     assert isinstance(raw, dict)
+    assert all(isinstance(d, str) for d in raw.pop("defaults", []))
     for section in raw.values():
         for key, value in (section or {}).items():
             if key in ("lr", "beta1", "beta2", "temperature", "top_p", "weight_decay", "grad_clip"):
@@ -65,9 +67,18 @@ def test_paper_defaults(name):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_config_entropy_comment_mentions_official_value(name):
-    lines = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()
+    # The file that sets entropy_coef last (the config itself or one of its `defaults:` parts).
+    files = [f.read_text().splitlines() for f in config_files(name)]
+    lines = [lines for lines in files if any(line.strip().startswith("entropy_coef:") for line in lines)][-1]
     i = next(i for i, line in enumerate(lines) if line.strip().startswith("entropy_coef:"))
     assert "0.001" in "\n".join(lines[i - 3 : i + 1])
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_is_composed_from_the_shipped_parts(name):
+    task, _, size = name.split("_")
+    parts = ["parts/paper.yaml", f"parts/task_{task}.yaml", f"parts/qwen2.5_{size}.yaml", f"{name}.yaml"]
+    assert [f.resolve() for f in config_files(name)] == [(CONFIG_DIR / p).resolve() for p in parts]
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

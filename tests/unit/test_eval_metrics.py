@@ -1,4 +1,4 @@
-"""Pure helpers of apo_ray.eval: the pass@k estimator, aggregation, model-path resolution and
+"""Pure helpers of apo_ray.evaluation: the pass@k estimator, aggregation, model-path resolution and
 the reference log-prob alignment (on a tiny random Qwen2, CPU, seconds)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import math
 import pytest
 
 from apo_ray.config import ConfigError
-from apo_ray.eval import aggregate, format_table, pass_at_k, reference_logprobs, resolve_eval_model, same_model
+from apo_ray.evaluation import aggregate, format_table, pass_at_k, reference_logprobs
+from apo_ray.model import resolve_eval_model, same_model
 
 
 def test_pass_at_k_hand_numbers():

@@ -11,7 +11,6 @@ from apo_ray.model.tiny import (
     EOS_TOKEN,
     PAD_TOKEN,
     TinyRecipe,
-    arith_correct,
     build_tokenizer,
     make_recipe,
     recipe_hash,
@@ -77,15 +76,6 @@ def test_saved_tokenizer_loads_identically(tok, tmp_path):
     assert loaded.eos_token_id == 256 and loaded.pad_token_id == 257
 
 
-def test_arith_correct():
-    assert arith_correct("82", "82")
-    assert arith_correct(" 82 \nblah", "82")
-    assert arith_correct("-7", "-7")
-    assert not arith_correct("8 2", "82")
-    assert not arith_correct("", "82")
-    assert not arith_correct("82x", "82")
-
-
 def test_recipe_hash_and_validation():
     assert recipe_hash(make_recipe()) == recipe_hash(TinyRecipe())
     assert recipe_hash(make_recipe(seed=1)) != recipe_hash(make_recipe())
@@ -96,7 +86,8 @@ def test_recipe_hash_and_validation():
 
 
 def test_ensure_tiny_model_builds_once(tmp_path):
-    from apo_ray.model.tiny import ensure_tiny_model, resolve_model_path
+    from apo_ray.model import resolve_model
+    from apo_ray.model.tiny import ensure_tiny_model
 
     first = ensure_tiny_model(tmp_path, sft=False)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
@@ -105,4 +96,4 @@ def test_ensure_tiny_model_builds_once(tmp_path):
     assert first.name.startswith("tiny-") and (first / "tokenizer.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-")]  # no temp dirs left
     assert ensure_tiny_model(tmp_path, sft=False, seed=1) != first
-    assert resolve_model_path("Qwen/Qwen2.5-1.5B") == "Qwen/Qwen2.5-1.5B"
+    assert resolve_model("Qwen/Qwen2.5-1.5B") == "Qwen/Qwen2.5-1.5B"

@@ -11,7 +11,8 @@ import pytest
 
 from apo_ray.config import load_config
 from apo_ray.data import load_prompts
-from apo_ray.train.data import VStarMismatchError, load_train_prompts
+from apo_ray.errors import VStarMismatchError
+from apo_ray.train.data import load_train_prompts
 
 
 def _vstar_output(tmp_path, ids, model="/models/ref", reward_fn="arith"):

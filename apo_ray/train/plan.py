@@ -1,0 +1,68 @@
+"""Stage 2's plan: every value derived from the config once, at the driver, before Ray Train starts.
+
+The plan travels to every worker; nothing in it is written back into the config. Decisions
+made here and nowhere else: the weight-sync backend, whether the replica sleeps while the
+learner trains, the rollout engine's settings, the mini-batch shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from apo_ray.config import Config
+from apo_ray.launch import EngineSpec, engine_spec
+from apo_ray.runtime import resolve_dtype, worker_env
+
+
+@dataclass(frozen=True)
+class Stage2Plan:
+    """Values derived from the config for one Stage 2 run (never written back into it)."""
+
+    model_path: str
+    device: str
+    dtype: str
+    reward_fn: str
+    world_size: int
+    group: int  # completions per prompt: 1 (A*-PO) or train.group_size (GRPO)
+    num_minibatches: int
+    seqs_per_minibatch: int  # all ranks
+    sync_backend: str  # shm | ipc | nccl
+    sleep_engine: bool  # the replica sleeps while its colocated learner trains (GPU only)
+    engine: EngineSpec  # the rollout replica of rank r uses seed engine.seed + r
+    output_dir: str
+    env: dict
+
+
+def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stage2Plan:
+    """The plan of a Stage 2 run on `device` ("cpu" | "cuda"); the config is already validated."""
+    t = cfg.train
+    group = t.group_size if t.algo == "grpo" else 1
+    if device == "cpu":
+        backend = "shm"
+    else:
+        backend = "ipc" if t.placement == "colocate" else "nccl"
+    sleep = device == "cuda" and t.placement == "colocate" and t.sleep_between_phases
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    return Stage2Plan(
+        model_path=model_path,
+        device=device,
+        dtype=dtype,
+        reward_fn=reward_fn,
+        world_size=t.num_learners,
+        group=group,
+        num_minibatches=t.rollout_batch_size // t.mini_batch_size,
+        seqs_per_minibatch=t.mini_batch_size * group,
+        sync_backend=backend,
+        sleep_engine=sleep,
+        engine=engine_spec(
+            cfg,
+            model_path=model_path,
+            dtype=dtype,
+            seed=cfg.sampling.seed,
+            enable_sleep_mode=sleep,
+            weight_sync=backend,
+        ),
+        output_dir=str(Path(t.output_dir).expanduser().resolve()),
+        env=worker_env(cfg, device),
+    )

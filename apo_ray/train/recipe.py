@@ -1,0 +1,338 @@
+"""The Stage 2 recipe, run by every Ray Train worker: one learner rank and its rollout replica.
+
+    setup -> resume -> for each step: generate, score, update, sync -> (eval, log, checkpoint) -> save final
+
+One step on this rank (`step`):
+
+1. generate: the step's prompts are a pure function of (seed, step) (so a resumed run neither
+   repeats nor skips data); this rank takes its share of every mini-batch, and its replica
+   samples ONE completion per prompt (GRPO: group_size) with the engine's log-probs;
+2. score: the reward function scores them (`RewardScorer`: a raising reward scores 0, counted);
+3. update: the learner regresses beta2 * log(pi/pi_ref) onto r - V*(x) (`astar_po_loss`; GRPO:
+   `grpo_loss`), one optimizer step per mini-batch, micro-batches with gradient accumulation;
+4. sync: the new weights go into the replica (waking it first when it slept during 3).
+
+Correctness signal: `logprob_gap` = mean |engine log-prob - learner log-prob| of the sampled
+sequences before the update; it grows if weight sync breaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apo_ray.config import Config
+from apo_ray.train.plan import Stage2Plan
+
+log = logging.getLogger("apo_ray.train")
+
+
+@dataclass
+class StepContext:
+    """What every phase of a step needs, built once per worker by `setup`."""
+
+    cfg: Config
+    plan: Stage2Plan
+    rank: int
+    world: int
+    prompts: list[dict]  # {prompt_id, prompt, answer, vstar}
+    eval_rows: list[dict]  # {prompt, answer}: the in-training greedy eval (train.eval_every)
+    learner: Any  # apo_ray.train.learner.Learner
+    engine: Any  # the replica's Ray actor handle
+    sync: Any  # apo_ray.rollout.weight_sync.WeightSync
+    scorer: Any  # apo_ray.rewards.RewardScorer
+    pad_id: int
+
+
+@dataclass
+class Rollout:
+    """Phases 1-2 of a step: this rank's sequences, scored, as a learner batch."""
+
+    batch: Any  # apo_ray.train.learner.RolloutBatch
+    reward_mean: float
+    vstar_mean: float
+    response_len: float
+    gen_tokens: int
+    reward_errors: int
+
+
+# ---------------------------------------------------------------- the worker function
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker function: one learner rank + its rollout replica."""
+    ctx = setup(config)
+    start_step, time_s = resume(ctx)
+    train(ctx, config["cfg"], start_step, time_s)
+
+
+def setup(config: dict) -> StepContext:
+    import ray
+    import ray.train
+    import torch
+
+    from apo_ray.config import config_from_dict
+    from apo_ray.launch import make_sync, start_rollout_replica
+    from apo_ray.rewards import RewardScorer, get_reward_fn
+    from apo_ray.train.checkpoint import seed_everything
+    from apo_ray.train.learner import Learner
+
+    cfg: Config = config_from_dict(config["cfg"])
+    plan: Stage2Plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.train.seed + rank)
+    if plan.device == "cpu":
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_actor)))
+
+    learner = Learner(
+        plan.model_path,
+        cfg.train,
+        world_size=world,
+        rank=rank,
+        device=plan.device,
+        dtype=plan.dtype,
+        seqs_per_optimizer_step=plan.seqs_per_minibatch,
+        temperature=cfg.sampling.temperature,
+    )
+    spec = dataclasses.replace(plan.engine, seed=plan.engine.seed + rank)
+    engine = start_rollout_replica(
+        spec, device=plan.device, placement=cfg.train.placement, env=plan.env, cpus=cfg.resources.cpus_per_actor
+    )
+    return StepContext(
+        cfg=cfg,
+        plan=plan,
+        rank=rank,
+        world=world,
+        prompts=ray.get(config["prompts"]),
+        eval_rows=ray.get(config["eval_rows"]),
+        learner=learner,
+        engine=engine,
+        sync=make_sync(spec, rank=rank, run_id=f"{Path(plan.output_dir).name}-{os.getpid()}"),
+        scorer=RewardScorer(get_reward_fn(plan.reward_fn), plan.reward_fn),
+        pad_id=ray.get(engine.tokenizer_eos_id.remote()) or 0,
+    )
+
+
+def resume(ctx: StepContext) -> tuple[int, float]:
+    """(last step done, training seconds so far): from the checkpoint to resume from, else (0, 0.0)."""
+    from apo_ray.train.checkpoint import restore_rng, resume_from
+
+    ckpt = resume_from(Path(ctx.plan.output_dir))
+    if ckpt is None:
+        return 0, 0.0
+    with ckpt.as_directory() as d:
+        state = ctx.learner.load_checkpoint(d)
+    restore_rng(state.get("rng"))
+    ctx.sync.push(ctx.learner.named_weights(), ctx.engine)  # the replica starts from the reference weights
+    log.info("rank %d: resumed from step %d (%s)", ctx.rank, int(state["step"]), ckpt.path)
+    return int(state["step"]), float(state.get("time_s", 0.0))
+
+
+def train(ctx: StepContext, cfg_dict: dict, start_step: int, time_s: float) -> None:
+    """Steps start_step + 1 .. train.num_steps (or until train.max_train_seconds), then the final model."""
+    from apo_ray.metrics import MetricsLogger
+    from apo_ray.train import checkpoint
+    from apo_ray.train.dist import any_rank
+
+    t, out = ctx.cfg.train, Path(ctx.plan.output_dir)
+    logger = None
+    if ctx.rank == 0:
+        logger = MetricsLogger(
+            ctx.plan.output_dir,
+            tensorboard=t.tensorboard,
+            wandb_project=t.wandb_project,
+            mlflow_tracking_uri=t.mlflow_tracking_uri,
+            config=cfg_dict,
+        )
+    # time_s: wall-clock of training (steps, checkpoints, reports), held-out evals excluded, summed
+    # over resumed runs: the x-axis of the accuracy-vs-time curves.
+    t_iter = time.perf_counter()
+    for step in range(start_step + 1, t.num_steps + 1):
+        t_step = time.perf_counter()
+        metrics = one_step(ctx, step)
+        step_s = time.perf_counter() - t_step
+        time_s += time.perf_counter() - t_iter
+        metrics.update(step_s=step_s, time_s=time_s, tokens_per_s=metrics["gen_tokens"] / step_s)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.num_steps) and ctx.rank == 0:
+            metrics.update(quick_eval(ctx))
+        t_iter = time.perf_counter()
+        if logger is not None:
+            logger.log(step, metrics)
+            if step % 10 == 0 or step == 1:
+                _log_step(step, metrics)
+        out_of_time = any_rank(t.max_train_seconds is not None and time_s >= t.max_train_seconds)
+        # Only checkpoint steps go through Ray Train (each report is a barrier and a log line);
+        # every step's metrics reach metrics.jsonl, TensorBoard and the dashboard gauges anyway.
+        if step % t.save_every == 0 or step == t.num_steps or out_of_time:
+            checkpoint.save(ctx.learner, out, step, time_s, metrics)
+        if out_of_time:
+            log.info("rank %d: train.max_train_seconds reached after step %d", ctx.rank, step)
+            break
+
+    ctx.learner.save_hf(str(out / "final"))
+    if logger is not None:
+        logger.close()
+
+
+def _log_step(step: int, m: dict) -> None:
+    log.info(
+        "step %d: loss %.4f reward %.3f kl %.4f gap %.2e (%.2f s: gen %.2f train %.2f sync %.2f)",
+        step,
+        m["loss"],
+        m["reward_mean"],
+        m["kl"],
+        m["logprob_gap"],
+        m["step_s"],
+        m["generate_s"],
+        m["train_s"],
+        m["sync_s"],
+    )
+
+
+# ---------------------------------------------------------------- one step
+
+
+def one_step(ctx: StepContext, step: int) -> dict:
+    """One A*-PO / GRPO step on this rank; returns metrics averaged over all ranks."""
+    from apo_ray.train.dist import mean_over_ranks
+
+    t0 = time.perf_counter()
+    rows, results = generate(ctx, step)
+    generate_s = time.perf_counter() - t0
+    if ctx.plan.sleep_engine:
+        _call(ctx.engine, "sleep")
+    rollout = score(ctx, rows, results)
+    t1 = time.perf_counter()
+    mb_stats = update(ctx, rollout.batch)
+    t2 = time.perf_counter()
+    sync(ctx)
+    t3 = time.perf_counter()
+
+    w = ctx.world
+    local = {
+        "reward_mean": rollout.reward_mean,
+        "vstar_mean": rollout.vstar_mean,
+        "response_len": rollout.response_len,
+        "gen_tokens": float(rollout.gen_tokens) * w,  # summed over ranks by the mean below
+        "reward_errors": float(rollout.reward_errors) * w,
+    }
+    for k in mb_stats[0]:
+        local[k] = sum(st[k] for st in mb_stats) / len(mb_stats)
+    local["logprob_gap"] = mb_stats[0]["logprob_gap"]  # before any update of this step
+    metrics = mean_over_ranks(local)
+    metrics.update(generate_s=generate_s, train_s=t2 - t1, sync_s=t3 - t2, peak_mem_gb=ctx.learner.peak_memory_gb())
+    return metrics
+
+
+def _call(actor: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    import ray
+
+    return ray.get(getattr(actor, method).remote(*args, **kwargs))
+
+
+def step_rows(ctx: StepContext, step: int) -> list[dict]:
+    """This rank's prompts of `step`: its 1/world share of each mini-batch, mini-batches in order."""
+    from apo_ray.train.data import batch_indices
+
+    t = ctx.cfg.train
+    idx = batch_indices(len(ctx.prompts), t.rollout_batch_size, step - 1, t.seed)
+    m, m_r = t.mini_batch_size, t.mini_batch_size // ctx.world
+    mine = [idx[i * m + ctx.rank * m_r + j] for i in range(ctx.plan.num_minibatches) for j in range(m_r)]
+    return [ctx.prompts[i] for i in mine]
+
+
+def generate(ctx: StepContext, step: int) -> tuple[list[dict], list]:
+    """Phase 1: the replica samples plan.group completions per prompt of this rank's share."""
+    s, plan = ctx.cfg.sampling, ctx.plan
+    rows = step_rows(ctx, step)
+    results = _call(
+        ctx.engine,
+        "generate",
+        [r["prompt"] for r in rows],
+        n=plan.group,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_tokens=s.max_tokens,
+        seed=(s.seed * 7919 + step) * 1_000_003 + ctx.rank * len(rows) * plan.group,
+        logprobs=True,
+    )
+    return rows, results
+
+
+def score(ctx: StepContext, rows: list[dict], results: list) -> Rollout:
+    """Phase 2: rewards (and GRPO's group advantages) -> a learner batch."""
+    import torch
+
+    from apo_ray.algo import group_advantages
+    from apo_ray.train.learner import RolloutBatch
+
+    prompt_ids, response_ids, engine_logps, rewards, vstars, gen_tokens = [], [], [], [], [], 0
+    ctx.scorer.reset()
+    for row, res in zip(rows, results):
+        for comp in res.completions:
+            prompt_ids.append(res.prompt_token_ids)
+            response_ids.append(comp.token_ids)
+            engine_logps.append(comp.logprobs)
+            gen_tokens += len(comp.token_ids)
+            rewards.append(ctx.scorer(comp.text, row["answer"], where=f"prompt {row['prompt_id']}"))
+            vstars.append(row["vstar"])
+    errors, _ = ctx.scorer.reset()
+    reward_B = torch.tensor(rewards)
+    adv_B = group_advantages(reward_B.view(-1, ctx.plan.group)).flatten() if ctx.cfg.train.algo == "grpo" else None
+    batch = RolloutBatch.from_sequences(prompt_ids, response_ids, engine_logps, reward_B, vstars, adv_B, ctx.pad_id)
+    return Rollout(
+        batch=batch,
+        reward_mean=reward_B.mean().item(),
+        vstar_mean=float(sum(vstars) / len(vstars)),
+        response_len=gen_tokens / len(response_ids),
+        gen_tokens=gen_tokens,
+        reward_errors=errors,
+    )
+
+
+def update(ctx: StepContext, batch: Any) -> list[dict]:
+    """Phase 3: one optimizer step per mini-batch (GRPO first takes the old policy's log-probs)."""
+    algo, plan = ctx.cfg.train.algo, ctx.plan
+    old_logp = ctx.learner.logprobs(batch, ref=False) if algo == "grpo" else None
+    per_mb = len(batch) // plan.num_minibatches
+    stats = []
+    for i in range(plan.num_minibatches):
+        sl = slice(i * per_mb, (i + 1) * per_mb)
+        stats.append(
+            ctx.learner.train_minibatch(
+                batch.slice(sl),
+                algo=algo,
+                normalizer_seqs=plan.seqs_per_minibatch,
+                old_logp_BT=old_logp[sl] if old_logp is not None else None,
+            )
+        )
+    return stats
+
+
+def sync(ctx: StepContext) -> None:
+    """Phase 4: the new weights into the replica (woken first if it slept through the update)."""
+    if ctx.plan.sleep_engine:
+        _call(ctx.engine, "wake_up")
+    ctx.sync.push(ctx.learner.named_weights(), ctx.engine)
+
+
+def quick_eval(ctx: StepContext) -> dict:
+    """Greedy accuracy of the current policy on the held-out set, on the (already synced) replica."""
+    t0 = time.perf_counter()
+    rows = ctx.eval_rows
+    results = _call(
+        ctx.engine,
+        "generate",
+        [r["prompt"] for r in rows],
+        n=1,
+        temperature=0.0,
+        max_tokens=ctx.cfg.sampling.max_tokens,
+    )
+    correct = sum(ctx.scorer(res.completions[0].text, row["answer"], where="eval") for row, res in zip(rows, results))
+    return {"eval_accuracy": correct / max(len(rows), 1), "eval_s": time.perf_counter() - t0}
