@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import statistics
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from apo_ray.config import Config, ConfigError, load_config
+from apo_ray.storage import strict_json
 
 log = logging.getLogger("apo_ray.bench")
 OUT = Path("runs/bench")
@@ -362,6 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     res["versions"] = versions()
     res["command"] = " ".join(["python jobs/bench.py", *(argv if argv is not None else sys.argv[1:])])
     out = OUT / f"{args.which}.json"
-    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    out.write_text(strict_json(res, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -13,13 +13,13 @@ fresh: a previous demo's V* shards and Stage 2 output are replaced.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
 from apo_ray.config import Config
+from apo_ray.storage import strict_json
 
 log = logging.getLogger("apo_ray.demo")
 
@@ -82,7 +82,7 @@ def run(cfg: Config) -> dict:
         "model": model_path,
         "final_model": stage2["final_model"],
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     plot_report(
         Path(cfg.train.output_dir).expanduser().resolve() / "metrics.jsonl",
         run_dir / "report.png",

@@ -18,7 +18,7 @@ class ConfigError(ApoRayError, ValueError):
 
 
 class DataError(ApoRayError, ValueError):
-    """A prompt source problem; the message names the file and line (jsonl) or row (parquet)."""
+    """Input data that cannot be used (a prompt row, a V* shard); the message names the file and row."""
 
 
 class OutputLockedError(ApoRayError, RuntimeError):

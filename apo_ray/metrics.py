@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from apo_ray.storage import strict_json
+
 log = logging.getLogger("apo_ray.metrics")
 
 # Shown on the Ray dashboard (Metrics tab / Grafana) as apo_train_<name>.
@@ -72,7 +74,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **metrics}
-        self._jsonl.write(json.dumps(row, default=float) + "\n")
+        self._jsonl.write(strict_json(row) + "\n")
         self._jsonl.flush()
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:

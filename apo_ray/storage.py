@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -65,8 +66,29 @@ def fs_read_json(fs, path: str) -> Any:
         return json.loads(f.read().decode())
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (numpy scalars become Python numbers)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            return obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that strict readers accept: NaN and +-Infinity are written as null (never as bare tokens)."""
+    return json.dumps(_finite(obj), allow_nan=False, default=str, **kwargs)
+
+
 def fs_write_json(fs, path: str, obj: Any) -> None:
-    fs_write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    fs_write_bytes(fs, path, (strict_json(obj, indent=2) + "\n").encode())
 
 
 def check_writable(fs, path: str, key: str) -> None:

@@ -13,12 +13,13 @@ run neither repeats nor skips data.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from apo_ray.config import Config
-from apo_ray.errors import ConfigError, VStarMismatchError
+from apo_ray.errors import ConfigError, DataError, VStarMismatchError
 from apo_ray.storage import fs_exists, fs_read_json, get_fs
 
 log = logging.getLogger("apo_ray.train")
@@ -33,22 +34,63 @@ class TrainPrompt:
 
 
 def read_vstar(vstar_dir: str) -> tuple[dict[str, float], dict]:
-    """Read all shards of a Stage 1 output: ({prompt_id: vstar}, manifest)."""
+    """Read and check all shards of a Stage 1 output: ({prompt_id: vstar}, manifest).
+
+    Raises:
+        ConfigError: no manifest.json (Stage 1 has not run there).
+        DataError: naming the file (and prompt id): an unreadable manifest or shard, a V* that
+            is not finite or lies outside the range of its prompt's rewards (V* is a log-mean-exp
+            of them), non-finite rewards, or a prompt id in two shards.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, root = get_fs(vstar_dir)
+    where = vstar_dir.rstrip("/")
     if not fs_exists(fs, f"{root}/manifest.json"):
         raise ConfigError(
             f"config key 'train.vstar_dir': {vstar_dir!r} has no manifest.json; run Stage 1 first "
             f"(python jobs/vstar.py ... vstar.output_dir={vstar_dir})"
         )
-    manifest = fs_read_json(fs, f"{root}/manifest.json")
+    try:
+        manifest = fs_read_json(fs, f"{root}/manifest.json")
+        shards = list(manifest["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{where}/manifest.json is not a Stage 1 manifest ({type(e).__name__}: {e}); rerun Stage 1"
+        ) from None
     values: dict[str, float] = {}
-    for name in manifest["shards"]:
-        table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=["prompt_id", "vstar"])
-        for pid, v in zip(table.column("prompt_id").to_pylist(), table.column("vstar").to_pylist()):
-            values[pid] = float(v)
+    shard_of: dict[str, str] = {}
+    for name in shards:
+        try:
+            table = pq.read_table(f"{root}/{name}", filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"V* shard {where}/{name} cannot be read ({e}); rerunning Stage 1 with the same command "
+                "redoes missing shards (delete a corrupt one first)"
+            ) from None
+        rewards = table.column("rewards").to_pylist() if "rewards" in table.column_names else None
+        for k, (pid, v) in enumerate(zip(table.column("prompt_id").to_pylist(), table.column("vstar").to_pylist())):
+            _check_vstar(pid, v, rewards[k] if rewards is not None else None, f"{where}/{name}")
+            if pid in shard_of:
+                raise DataError(f"prompt {pid!r} has V* rows in both {shard_of[pid]} and {where}/{name}")
+            values[pid], shard_of[pid] = float(v), f"{where}/{name}"
     return values, manifest
+
+
+def _check_vstar(pid: str, v: float | None, rewards: list | None, shard: str) -> None:
+    if v is None or not math.isfinite(v):
+        raise DataError(f"V* of prompt {pid!r} in {shard} is {v}, not a finite number; rerun Stage 1")
+    if rewards is None:
+        return
+    if not rewards or any(r is None or not math.isfinite(r) for r in rewards):
+        raise DataError(f"rewards of prompt {pid!r} in {shard} are {rewards}: not all finite numbers; rerun Stage 1")
+    lo, hi = min(rewards), max(rewards)
+    if not lo - 1e-9 <= v <= hi + 1e-9:
+        raise DataError(
+            f"V* of prompt {pid!r} in {shard} is {v}, outside the range of its rewards [{lo}, {hi}] "
+            "(V* is a log-mean-exp of them); rerun Stage 1"
+        )
 
 
 def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) -> list[TrainPrompt]:

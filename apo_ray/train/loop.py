@@ -27,6 +27,7 @@ from apo_ray.config import Config, save_config, to_dict
 from apo_ray.launch import check_tensor_parallel
 from apo_ray.model import check_model_dir, resolve_model
 from apo_ray.runtime import init_ray, resolve_device, versions
+from apo_ray.storage import strict_json
 from apo_ray.train.checkpoint import RUN_NAME
 from apo_ray.train.plan import make_plan
 from apo_ray.train.recipe import train_loop
@@ -36,8 +37,6 @@ log = logging.getLogger("apo_ray.train")
 
 def run(cfg: Config) -> dict:
     """Run Stage 2; returns a summary (also in train.output_dir/summary.json)."""
-    import json
-
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -102,7 +101,7 @@ def run(cfg: Config) -> dict:
         "last": rows[-1] if rows else {},
         "versions": versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     log.info("Stage 2 done: %d steps, final model in %s", summary["steps"], summary["final_model"])
     return summary
 

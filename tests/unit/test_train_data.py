@@ -11,7 +11,7 @@ import pytest
 
 from apo_ray.config import load_config
 from apo_ray.data import load_prompts
-from apo_ray.errors import VStarMismatchError
+from apo_ray.errors import DataError, VStarMismatchError
 from apo_ray.train.data import load_train_prompts
 
 
@@ -56,3 +56,73 @@ def test_missing_prompt_names_it_and_the_directory(tmp_path):
     with pytest.raises(VStarMismatchError, match=ids[-1]) as e:
         load_train_prompts(_cfg(out), "arith", "/models/ref")
     assert str(out) in str(e.value)
+
+
+# ---------------------------------------------------------------- V* that cannot be trusted
+
+
+def _shard(out, name, ids, vstar, rewards=None):
+    cols = {"prompt_id": ids, "vstar": vstar}
+    if rewards is not None:
+        cols["rewards"] = pa.array(rewards, pa.list_(pa.float64()))
+    pq.write_table(pa.table(cols), out / name)
+
+
+def _manifest(out, shards):
+    manifest = {"shards": shards, "model": "/models/ref", "reward_fn": "arith", "dataset": {"fingerprint": "x"}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "vstar, rewards, message",
+    [
+        (float("nan"), [0.0, 1.0], "not a finite number"),
+        (float("inf"), None, "not a finite number"),
+        (9.0, [0.0, 1.0], r"outside the range of its rewards \[0.0, 1.0\]"),
+        (-0.1, [0.0, 0.0], "outside the range"),
+        (0.5, [0.0, float("nan")], "not all finite"),
+    ],
+)
+def test_vstar_that_is_not_finite_or_out_of_range_is_refused_naming_shard_and_prompt(tmp_path, vstar, rewards, message):
+    ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
+    out = tmp_path / "vstar"
+    out.mkdir()
+    good = [[0.0, 1.0]] * (len(ids) - 1)
+    _shard(out, "s0.parquet", ids, [0.3] * (len(ids) - 1) + [vstar], None if rewards is None else good + [rewards])
+    _manifest(out, ["s0.parquet"])
+    with pytest.raises(DataError, match=message) as e:
+        load_train_prompts(_cfg(out), "arith", "/models/ref")
+    assert ids[-1] in str(e.value) and "s0.parquet" in str(e.value)
+
+
+def test_prompt_in_two_shards_is_refused_naming_both(tmp_path):
+    ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
+    out = tmp_path / "vstar"
+    out.mkdir()
+    _shard(out, "s0.parquet", ids[:2], [0.1, 0.2])
+    _shard(out, "s1.parquet", ids[1:], [0.2, 0.3, 0.4])
+    _manifest(out, ["s0.parquet", "s1.parquet"])
+    with pytest.raises(DataError, match=rf"{ids[1]}.*s0.parquet and .*s1.parquet"):
+        load_train_prompts(_cfg(out), "arith", "/models/ref")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_truncated_shard_is_one_clear_error(tmp_path, damage):
+    ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
+    out = _vstar_output(tmp_path, ids)
+    shard = out / "s0.parquet"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"V\* shard .*s0.parquet cannot be read") as e:
+        load_train_prompts(_cfg(out), "arith", "/models/ref")
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_manifest_is_one_clear_error(tmp_path):
+    ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
+    out = _vstar_output(tmp_path, ids)
+    (out / "manifest.json").write_text('{"shards": ["s0.parq')
+    with pytest.raises(DataError, match=r"manifest.json is not a Stage 1 manifest"):
+        load_train_prompts(_cfg(out), "arith", "/models/ref")

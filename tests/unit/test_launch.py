@@ -1,0 +1,66 @@
+"""The launch layer's one tensor-parallel policy, and the engine settings every stage shares (pure: no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from apo_ray.config import load_config
+from apo_ray.errors import ConfigError
+from apo_ray.launch import check_tensor_parallel, engine_actor_options, engine_spec, make_sync
+from apo_ray.train.plan import make_plan
+
+
+def test_engine_spec_reads_engine_and_sampling_once():
+    cfg = load_config("demo", ["engine.tensor_parallel_size=2", "engine.max_num_seqs=32", "sampling.max_tokens=16"])
+    spec = engine_spec(cfg, model_path="/m", dtype="bfloat16", seed=3)
+    assert (spec.tensor_parallel_size, spec.max_num_seqs, spec.seed, spec.dtype) == (2, 32, 3, "bfloat16")
+    assert spec.max_model_len == cfg.sampling.max_prompt_tokens + 16
+    assert spec.enforce_eager is True and spec.weight_sync is False
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_a_gpu_engine_actor_reserves_its_tensor_parallel_gpus(tp):
+    assert engine_actor_options("cuda", tp, cpus_per_actor=2.0) == {"num_gpus": tp, "num_cpus": 1}
+    assert engine_actor_options("cpu", tp, cpus_per_actor=2.0) == {"num_cpus": 2.0}
+
+
+def test_colocate_with_tensor_parallel_is_refused_naming_the_key():
+    check_tensor_parallel(load_config("demo"))
+    check_tensor_parallel(load_config("demo", ["engine.tensor_parallel_size=2", "train.placement=separate"]))
+    with pytest.raises(ConfigError, match=r"^config key 'engine.tensor_parallel_size': 2 .*train.placement=separate"):
+        check_tensor_parallel(load_config("demo", ["engine.tensor_parallel_size=2"]))
+
+
+def test_stage2_refuses_colocate_with_tensor_parallel_before_anything_starts(tmp_path):
+    from apo_ray import train
+
+    cfg = load_config("demo", ["engine.tensor_parallel_size=2", f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="engine.tensor_parallel_size"):
+        train.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_separate_tp2_on_gpus_syncs_over_nccl_with_engine_world_size_2():
+    cfg = load_config("demo", ["engine.tensor_parallel_size=2", "train.placement=separate"])
+    plan = make_plan(cfg, "/m", "cuda", "arith")
+    assert plan.sync_backend == "nccl" and plan.engine.weight_sync == "nccl"
+    assert plan.engine.tensor_parallel_size == 2 and not plan.sleep_engine
+    sync = make_sync(plan.engine, rank=0, run_id="t")
+    assert type(sync).__name__ == "NcclWeightSync" and sync.engine_world_size == 2
+
+
+@pytest.mark.parametrize(
+    "device, placement, backend, sleeps",
+    [("cpu", "colocate", "shm", False), ("cuda", "colocate", "ipc", True), ("cuda", "separate", "nccl", False)],
+)
+def test_sync_backend_and_sleep_are_decided_once_in_the_plan(device, placement, backend, sleeps):
+    plan = make_plan(load_config("demo", [f"train.placement={placement}"]), "/m", device, "arith")
+    assert (plan.sync_backend, plan.sleep_engine) == (backend, sleeps)
+    assert plan.engine.weight_sync == backend and plan.engine.enable_sleep_mode == sleeps
+    assert plan.dtype == ("bfloat16" if device == "cuda" else "float32")
+
+
+def test_make_sync_needs_a_backend():
+    cfg = load_config("demo")
+    with pytest.raises(ValueError, match="weight-sync backend"):
+        make_sync(engine_spec(cfg, model_path="/m", dtype="float32", seed=0), rank=0, run_id="t")
