@@ -19,6 +19,8 @@ import importlib
 import logging
 import sys
 
+from apo_ray.errors import ApoRayError, user_error
+
 JOBS = {
     "vstar": ("apo_ray.vstar", "Stage 1: sample the reference policy, write V* shards"),
     "train": ("apo_ray.train", "Stage 2: A*-PO (or GRPO) with Ray Train + DeepSpeed + vLLM"),
@@ -39,15 +41,17 @@ def run_job(name: str, argv: list[str] | None = None) -> int:
     module, description = JOBS[name]
     args = job_parser(f"apo-ray {name}", description).parse_intermixed_args(argv)
     from apo_ray.config import load_config
-    from apo_ray.errors import ApoRayError
     from apo_ray.runtime import setup_logging
 
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         importlib.import_module(module).run(cfg)
-    except ApoRayError as e:  # a user error: one clear line, no traceback
-        print(f"apo-ray {name}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        found = user_error(e)  # ours, possibly wrapped by Ray: one clear line, no traceback
+        if found is None:
+            raise
+        print(f"apo-ray {name}: error: {found}", file=sys.stderr)
         return 2
     return 0
 
@@ -72,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(argv[0], argv[1:])
     if argv and argv[0] == "show-config":
         from apo_ray.config import load_config, to_yaml
-        from apo_ray.errors import ApoRayError
 
         args = job_parser("apo-ray show-config", "print the resolved config").parse_intermixed_args(argv[1:])
         try:
@@ -83,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _tool(args)
+    except ApoRayError as e:
+        print(f"apo-ray {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _tool(args: argparse.Namespace) -> None:
     if args.cmd == "make-tiny-model":
         from apo_ray.model.tiny import build_tiny_model
 
@@ -95,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         from apo_ray.config import shipped_configs
 
         print("\n".join(shipped_configs()))
-    return 0
 
 
 if __name__ == "__main__":

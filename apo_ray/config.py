@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from omegaconf.nodes import LiteralNode
@@ -105,6 +106,9 @@ class EngineConfig:
     cpu_kvcache_gib: int = 1
     enforce_eager: bool = False
     max_num_seqs: int = 256
+    # An engine actor that is not up after this many seconds fails the run (instead of waiting
+    # forever for resources that never come); a 7B model read from a hub takes minutes.
+    start_timeout_s: float = 1200.0
 
 
 @dataclass
@@ -122,6 +126,9 @@ class VStarConfig:
     min_actors: int = 1
     max_actors: int = 1
     log_every_s: float = 10.0
+    # Stage 1 fails (with the first error's text) when more than this fraction of completions
+    # could not be scored (the reward function raised): their V* would be built on zeros.
+    max_reward_error_rate: float = 0.05
 
 
 @dataclass
@@ -157,6 +164,10 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     max_failures: int = 0
+    # A rerun into a train.output_dir that holds checkpoints: "auto" continues from the newest
+    # complete one (refused if the saved config differs in anything that changes the maths),
+    # "must" is auto that refuses to start fresh, "never" refuses to touch a directory with checkpoints.
+    resume: Literal["auto", "must", "never"] = "auto"
     eval_every: int = 0  # steps; 0 disables in-training eval
     seed: int = 0
     tensorboard: bool = True
@@ -295,7 +306,12 @@ def _defaults_of(raw: DictConfig, path: Path) -> list[Path]:
 
 def _yaml_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, Any]]:
     """(file, its keys) for `path` and, first, its `defaults:` (recursively, in order)."""
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:  # one line: where and what ("line 3, column 5: mapping values are not allowed")
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
     layers: list[tuple[Path, Any]] = []
     if isinstance(raw, DictConfig):
         chain = (*chain, path.resolve())
@@ -405,6 +421,8 @@ def validate(cfg: Config) -> None:
         _fail("vstar.beta1", f"must be > 0 (or .inf for a plain mean), got {b1}")
     if cfg.vstar.min_actors < 1 or cfg.vstar.max_actors < cfg.vstar.min_actors:
         _fail("vstar.max_actors", "need 1 <= vstar.min_actors <= vstar.max_actors")
+    if not 0 <= cfg.vstar.max_reward_error_rate <= 1:
+        _fail("vstar.max_reward_error_rate", f"must be in [0, 1], got {cfg.vstar.max_reward_error_rate}")
     for key in ("vstar.shard_size", "vstar.batch_size"):
         _positive(cfg, key, getattr(cfg.vstar, key.split(".")[1]))
 
@@ -457,5 +475,6 @@ def validate(cfg: Config) -> None:
         _fail("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     if cfg.eval.k < 1:
         _fail("eval.k", f"must be >= 1, got {cfg.eval.k}")
+    _positive(cfg, "engine.start_timeout_s", cfg.engine.start_timeout_s)
     if not 0 < cfg.engine.gpu_memory_utilization <= 1:
         _fail("engine.gpu_memory_utilization", "must be in (0, 1]")

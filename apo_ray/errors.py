@@ -27,3 +27,29 @@ class OutputLockedError(ApoRayError, RuntimeError):
 
 class VStarMismatchError(ApoRayError, ValueError):
     """Stage 1's output does not fit this Stage 2 run (missing prompt, other reward function)."""
+
+
+class DivergedError(ApoRayError, RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; the message names the step."""
+
+
+class StorageError(ApoRayError, OSError):
+    """Writing an output failed (disk full, permissions, object store); nothing half-written is left."""
+
+
+def user_error(exc: BaseException) -> ApoRayError | None:
+    """The ApoRayError behind `exc` (itself, or anywhere in its cause / context chain), else None.
+
+    Ray wraps an actor's or a worker's exception in its own types; this finds ours inside.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        if isinstance(inner, BaseException) and id(inner) not in seen:
+            exc = inner
+            continue
+        if isinstance(exc, ApoRayError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -113,6 +113,17 @@ def engine_actor_options(device: str, tensor_parallel_size: int, cpus_per_actor:
 # ---------------------------------------------------------------- actor pools (Stage 1, eval)
 
 
+def check_pool_fits(cfg: Config, device: str, min_actors: int, key: str) -> None:
+    """The smallest actor pool (`min_actors` engines) must fit on a fixed-size Ray (`runtime.check_fits`)."""
+    from apo_ray.runtime import check_fits
+
+    opts = engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor)
+    need = {"CPU": min_actors * opts["num_cpus"]}
+    if "num_gpus" in opts:
+        need["GPU"] = float(min_actors * opts["num_gpus"])
+    check_fits(need, key, f"{min_actors} engine actor(s) of {opts}")
+
+
 def pool_item(rows: Sequence[dict], **extra: Any) -> dict:
     """One unit of pool work: the prompt columns of `rows` plus `extra` scalars (shard, start)."""
     return {
@@ -180,13 +191,18 @@ def fan_out(
 # ---------------------------------------------------------------- Stage 2 rollout replicas
 
 
-def start_rollout_replica(spec: EngineSpec, *, device: str, placement: str, env: dict[str, str], cpus: float):
+def start_rollout_replica(
+    spec: EngineSpec, *, device: str, placement: str, env: dict[str, str], cpus: float, timeout_s: float
+):
     """Start this learner's rollout replica as a Ray actor and wait until its engine is up.
 
     Colocated (the default), the replica runs on this worker's node; on GPUs it shares this
     worker's GPU without Ray counting it twice (vLLM takes engine.gpu_memory_utilization of it
     and sleeps while the learner trains). Separate, it reserves its own GPUs
     (`engine_actor_options`). Call from inside the Ray Train worker.
+
+    Raises:
+        ConfigError: the engine was not up after `timeout_s` (engine.start_timeout_s).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -203,7 +219,15 @@ def start_rollout_replica(spec: EngineSpec, *, device: str, placement: str, env:
     else:
         opts = {"num_cpus": cpus, "scheduling_strategy": here}
     actor = ray.remote(RolloutEngine).options(runtime_env={"env_vars": env}, **opts).remote(**_engine_kwargs(spec))
-    ray.get(actor.ready.remote())
+    try:
+        ray.get(actor.ready.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(actor)
+        raise ConfigError(
+            f"config key 'engine.start_timeout_s': the rollout replica was not up after {timeout_s:g} s; it asks "
+            f"for {opts.get('num_cpus')} CPU and {opts.get('num_gpus', 0)} GPU on this learner's node "
+            f"(available now: {ray.available_resources()}). Free or add resources, or lower resources.cpus_per_actor"
+        ) from None
     return actor
 
 

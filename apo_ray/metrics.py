@@ -99,6 +99,17 @@ class MetricsLogger:
             self._mlflow.end_run()
 
 
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep only the rows of steps <= `last_step` (a resumed run redoes the later ones); atomic."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a metrics.jsonl; a resumed run's rows replace the ones it redid (last write wins per step)."""
     rows: dict[int, dict] = {}

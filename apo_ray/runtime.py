@@ -10,6 +10,7 @@ import os
 from importlib import metadata
 
 from apo_ray.config import Config, ResourcesConfig
+from apo_ray.errors import ConfigError
 
 log = logging.getLogger("apo_ray")
 
@@ -65,6 +66,24 @@ def init_ray(res: ResourcesConfig) -> str:
     # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
     ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
     return "local"
+
+
+def check_fits(need: dict[str, float], key: str, what: str) -> None:
+    """Refuse, on a Ray of fixed size, a demand it can never schedule (instead of waiting forever).
+
+    Call after `init_ray` returned "local" or "existing": a cluster reached by address may
+    autoscale, so there a demand beyond today's nodes is not an error.
+
+    Raises:
+        ConfigError: naming `key`, with what is needed and what exists.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0)}
+    if short:
+        detail = ", ".join(f"{v:g} {k} needed, {h:g} exist" for k, (v, h) in short.items())
+        raise ConfigError(f"config key '{key}': {what} cannot fit on this Ray ({detail})")
 
 
 def resolve_device(res: ResourcesConfig) -> str:

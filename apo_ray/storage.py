@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from apo_ray.errors import ConfigError, OutputLockedError
+from apo_ray.errors import ConfigError, OutputLockedError, StorageError
 
 log = logging.getLogger("apo_ray.storage")
 
@@ -48,17 +48,28 @@ def fs_exists(fs, path: str) -> bool:
 
 
 def fs_write_bytes(fs, path: str, data: bytes) -> None:
-    """Write a whole file; atomic on local disks (tmp + rename), a single PUT on object stores."""
+    """Write a whole file; atomic on local disks (tmp + rename), a single PUT on object stores.
+
+    Raises:
+        StorageError: the write failed (e.g. disk full); no partial file is left under `path`.
+    """
     import pyarrow.fs as pafs
 
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):  # the write or the rename failed: leave nothing half-written
+                    os.unlink(tmp)
+            return
+        with fs.open_output_stream(path) as f:
             f.write(data)
-        os.replace(tmp, path)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e}") from None
 
 
 def fs_read_json(fs, path: str) -> Any:

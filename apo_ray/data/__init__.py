@@ -105,7 +105,7 @@ def load_prompts(data: DataConfig, split: str) -> PromptSet:
     Raises:
         DataError: missing source, a bad row (data.on_bad_row=error; the message names
             the file and line/row), or no prompts at all.
-        ImportError: an hf: source without the `datasets` package.
+        DataError: also an hf: source without the `datasets` package.
     """
     source, hf_split, limit = _split_settings(data, split)
     rows: list[dict] = []

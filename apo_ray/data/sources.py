@@ -74,11 +74,12 @@ def parse_hf_source(source: str) -> tuple[str, Optional[str]]:
 def _hf_loader() -> Callable[..., Any]:
     try:
         from datasets import load_dataset
-    except ImportError as e:
-        raise ImportError(
+    except ImportError:
+        raise DataError(
             "an 'hf:' data source needs the Hugging Face `datasets` package: pip install datasets "
-            "(or point data.train_source / data.eval_source at a local .jsonl or .parquet file)"
-        ) from e
+            "(it comes with apo-ray's [hf] and [gpu] extras), or point data.train_source / data.eval_source "
+            "at a local .jsonl or .parquet file"
+        ) from None
     return load_dataset
 
 

@@ -18,8 +18,9 @@ from apo_ray.config import Config, to_dict
 from apo_ray.errors import ConfigError
 from apo_ray.evaluation.metrics import aggregate, format_table
 from apo_ray.evaluation.worker import EvalPlan, EvalWorker
-from apo_ray.launch import engine_spec, fan_out, pool_item
-from apo_ray.model import resolve_eval_model, same_model
+from apo_ray.launch import check_pool_fits, engine_spec, fan_out, pool_item
+from apo_ray.model import check_model, resolve_eval_model, same_model
+from apo_ray.rewards import checked_reward
 from apo_ray.runtime import init_ray, resolve_device, resolve_dtype, versions, worker_env
 from apo_ray.storage import check_writable, fs_write_json, get_fs
 
@@ -86,6 +87,7 @@ def evaluate(model_path: str, rows: Sequence[dict], cfg: Config, *, ref_path: Op
     t0 = time.time()
     model = resolve_eval_model(model_path)
     ref = resolve_eval_model(ref_path or cfg.model.path, key="model.path")
+    check_model(model, cfg, key="eval.model_path")
     rows = list(rows)[: cfg.eval.max_prompts] if cfg.eval.max_prompts is not None else list(rows)
     s = cfg.sampling
     keep, too_long = _split_too_long(model, rows, s.max_prompt_tokens)
@@ -93,10 +95,11 @@ def evaluate(model_path: str, rows: Sequence[dict], cfg: Config, *, ref_path: Op
         raise ConfigError(
             f"eval: no prompts to evaluate ({len(rows)} given, {len(too_long)} longer than sampling.max_prompt_tokens)"
         )
-    init_ray(cfg.resources)
+    reward = checked_reward(cfg.data.task, cfg.reward.fn, keep[0]["answer"])  # before any actor starts
+    fixed_size = init_ray(cfg.resources) != "cluster"
     device = resolve_device(cfg.resources)
-    from apo_ray.rewards import reward_fn_name
-
+    if fixed_size:
+        check_pool_fits(cfg, device, 1, "resources.cpus_per_actor")
     dtype = resolve_dtype(cfg.model.dtype, device)
     plan = EvalPlan(
         model_path=model,
@@ -104,7 +107,7 @@ def evaluate(model_path: str, rows: Sequence[dict], cfg: Config, *, ref_path: Op
         kl_same_model=same_model(model, ref),
         dtype=dtype,
         device=device,
-        reward_fn=reward_fn_name(cfg.data.task, cfg.reward.fn),
+        reward_fn=reward,
         engine=engine_spec(cfg, model_path=model, dtype=dtype, seed=s.seed),
         max_tokens=s.max_tokens,
         k=cfg.eval.k,

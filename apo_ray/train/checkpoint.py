@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from apo_ray.errors import ApoRayError
+
 RUN_NAME = "ray"  # Ray Train run name: checkpoints live in train.output_dir/ray/step_NNNNNN
 COMPLETE = ".apo_complete"
 
@@ -42,6 +44,104 @@ def find_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories of a Stage 2 run, oldest first."""
     found = [p for p in (Path(output_dir) / RUN_NAME).glob("step_*") if step_of(p) >= 0 and is_complete(p)]
     return sorted(found, key=step_of)
+
+
+# ---------------------------------------------------------------- before a run: may it resume here?
+
+# Keys whose change changes what a resumed run computes (or whether its checkpoint loads).
+# Steps, checkpoint cadence, loggers, eval and resources may change between runs.
+MATH_KEYS = (
+    "model.path",
+    "model.dtype",
+    "data.task",
+    "data.train_source",
+    "data.train_split",
+    "data.prompt_key",
+    "data.answer_key",
+    "data.max_train_prompts",
+    "data.on_bad_row",
+    "data.arith.seed",
+    "data.arith.digits",
+    "data.arith.ops",
+    "data.arith.num_train",
+    "reward.fn",
+    "sampling",
+    "vstar.num_samples",
+    "vstar.beta1",
+    "vstar.filter_unsolvable",
+    "train.algo",
+    "train.vstar_dir",
+    "train.rollout_batch_size",
+    "train.mini_batch_size",
+    "train.beta2",
+    "train.lr",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.warmup_steps",
+    "train.entropy_coef",
+    "train.group_size",
+    "train.clip_eps",
+    "train.kl_coef",
+    "train.num_learners",
+    "train.zero_stage",
+    "train.seed",
+)
+
+
+def _lookup(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return "<absent>"
+        d = d[part]
+    return d
+
+
+def check_resume(cfg_dict: dict, out: Path, mode: str) -> int:
+    """Whether a run with config `cfg_dict` may start in `out`; returns the step it resumes from (0: fresh).
+
+    Args:
+        cfg_dict: the run's resolved config (`config.to_dict`).
+        out: train.output_dir (local).
+        mode: train.resume: "auto" | "must" | "never".
+
+    Raises:
+        ConfigError: `out` holds checkpoints of a run whose saved config differs in a `MATH_KEYS`
+            key (listing old -> new), or the mode forbids what `out` holds.
+    """
+    from omegaconf import OmegaConf
+
+    from apo_ray.errors import ConfigError
+
+    found = find_checkpoints(out)
+    step = step_of(found[-1]) if found else 0
+    if mode == "never" and found:
+        raise ConfigError(
+            f"config key 'train.resume': never, but train.output_dir {str(out)!r} holds checkpoints (last: step "
+            f"{step}); use another train.output_dir or delete that one"
+        )
+    if mode == "must" and not found:
+        raise ConfigError(f"config key 'train.resume': must, but train.output_dir {str(out)!r} holds no checkpoint")
+    saved = out / "config.yaml"
+    if not found or not saved.is_file():
+        return step
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved))
+    except Exception as e:  # noqa: BLE001 - an unreadable saved config cannot vouch for the checkpoints
+        raise ConfigError(
+            f"train.output_dir {str(out)!r}: its config.yaml cannot be read ({e}); use another directory"
+        ) from None
+    changed = [
+        f"{key} {_lookup(old, key)!r} -> {_lookup(cfg_dict, key)!r}"
+        for key in MATH_KEYS
+        if _lookup(old, key) != _lookup(cfg_dict, key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"train.output_dir {str(out)!r} holds checkpoints (last: step {step}) of a run with other settings "
+            f"({'; '.join(changed)}); resuming would mix them. Use another train.output_dir, or rerun with the "
+            "saved settings (config.yaml there)"
+        )
+    return step
 
 
 # ---------------------------------------------------------------- inside the Ray Train workers
@@ -113,8 +213,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = [c for c in find_checkpoints(p) if (c / "hf" / "config.json").exists()]
     if found:
         return found[-1]
-    raise FileNotFoundError(
-        f"{str(path)!r} is neither a Stage 2 checkpoint (no hf/config.json) nor a train.output_dir with "
+    raise ApoRayError(
+        f"export: {str(path)!r} is neither a Stage 2 checkpoint (no hf/config.json) nor a train.output_dir with "
         "complete checkpoints"
     )
 
@@ -124,6 +224,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     src = resolve_checkpoint(checkpoint) / "hf"
     dst = Path(out).expanduser()
     if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"export target {str(dst)!r} exists and is not empty")
+        raise ApoRayError(f"export: target {str(dst)!r} exists and is not empty; give a new directory")
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst

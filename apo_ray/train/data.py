@@ -96,8 +96,8 @@ def _check_vstar(pid: str, v: float | None, rewards: list | None, shard: str) ->
 def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) -> list[TrainPrompt]:
     """Training prompts with their V* (A*-PO), or with V* = 0 (GRPO needs none).
 
-    `model` is the resolved reference model of this run; a Stage 1 output recorded with
-    another model gets a warning (the same weights may sit at another path, so not an error).
+    `model` is the resolved reference model of this run. The V* must belong to this run
+    (`check_manifest`); a prompt without a V* row is an error unless Stage 1 dropped it.
     """
     from apo_ray.data import load_prompts
 
@@ -105,19 +105,7 @@ def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) ->
     if cfg.train.algo != "astar_po":
         return [TrainPrompt(r["prompt_id"], r["prompt"], r["answer"], 0.0) for r in prompts.rows]
     values, manifest = read_vstar(cfg.train.vstar_dir)
-    if manifest.get("reward_fn") != reward_fn:
-        raise VStarMismatchError(
-            f"V* in {cfg.train.vstar_dir!r} was scored with reward function {manifest.get('reward_fn')!r}, "
-            f"this run uses {reward_fn!r}: both stages must use the same reward (reward.fn)"
-        )
-    if model is not None and manifest.get("model") not in (None, model):
-        log.warning(
-            "V* in %r was computed with model %r, but this run's reference policy is %r: A*-PO needs V* "
-            "of the reference policy, so rerun Stage 1 unless both are the same weights",
-            cfg.train.vstar_dir,
-            manifest.get("model"),
-            model,
-        )
+    check_manifest(cfg, manifest, reward_fn, model, prompts.fingerprint)
     dropped = set(manifest.get("filtered_prompt_ids", [])) | set(manifest.get("too_long_prompt_ids", []))
     out = []
     for r in prompts.rows:
@@ -134,6 +122,49 @@ def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) ->
     if not out:
         raise VStarMismatchError(f"no training prompts left after the join with {cfg.train.vstar_dir!r}")
     return out
+
+
+def _as_float(value: object) -> object:
+    return float(value) if isinstance(value, (int, float, str)) and value not in ("",) else value
+
+
+def check_manifest(cfg: Config, manifest: dict, reward_fn: str, model: str | None, fingerprint: str) -> None:
+    """Refuse V* computed under other settings than this run's, listing every difference.
+
+    Compared: the reference model (resolved path), reward.fn, vstar.num_samples / beta1 /
+    filter_unsolvable, the sampling settings (temperature, top_p, max_tokens, max_prompt_tokens;
+    not the seed) and the dataset fingerprint (prompt ids, texts with their template, answers).
+    A field a manifest does not record is not compared.
+
+    Raises:
+        VStarMismatchError: naming train.vstar_dir and each key with both values.
+    """
+    sampling = manifest.get("sampling") or {}
+    s, v = cfg.sampling, cfg.vstar
+    pairs = [
+        ("model.path", manifest.get("model"), model),
+        ("reward.fn", manifest.get("reward_fn"), reward_fn),
+        ("vstar.num_samples", manifest.get("num_samples"), v.num_samples),
+        ("vstar.beta1", _as_float(manifest.get("beta1")) if "beta1" in manifest else None, v.beta1),
+        ("vstar.filter_unsolvable", manifest.get("filter_unsolvable"), v.filter_unsolvable),
+        ("sampling.temperature", sampling.get("temperature"), s.temperature),
+        ("sampling.top_p", sampling.get("top_p"), s.top_p),
+        ("sampling.max_tokens", sampling.get("max_tokens"), s.max_tokens),
+        ("sampling.max_prompt_tokens", sampling.get("max_prompt_tokens"), s.max_prompt_tokens),
+        ("data.* (dataset fingerprint)", (manifest.get("dataset") or {}).get("fingerprint"), fingerprint),
+    ]
+    diffs = [
+        f"{key} is {theirs!r} there, {ours!r} here"
+        for key, theirs, ours in pairs
+        if theirs is not None and ours is not None and theirs != ours
+    ]
+    if diffs:
+        raise VStarMismatchError(
+            f"V* in {cfg.train.vstar_dir!r} was computed under other settings than this run's: {'; '.join(diffs)}. "
+            "Rerun Stage 1 with this config (jobs/vstar.py), or point train.vstar_dir at a matching V*"
+        )
+    if manifest.get("complete") is False:
+        raise VStarMismatchError(f"V* in {cfg.train.vstar_dir!r} is incomplete (Stage 1 did not finish); rerun Stage 1")
 
 
 def batch_indices(num_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -506,9 +506,15 @@ class Learner:
     def save_hf(self, directory: str) -> None:
         """Write an HF model dir (config, safetensors, tokenizer files) loadable by transformers and vLLM.
 
-        A collective under ZeRO-3 (all ranks call it); rank 0 writes.
+        A collective under ZeRO-3 (all ranks call it); rank 0 writes. Raises DivergedError (before
+        writing anything) if any weight is not finite.
         """
         state = dict(self.named_weights())
+        bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # every rank holds the same full weights, so every rank raises
+            from apo_ray.errors import DivergedError
+
+            raise DivergedError(f"{len(bad)} of {len(state)} weight tensors are not finite (e.g. {bad[0]})")
         if self.rank != 0:
             return
         out = Path(directory)

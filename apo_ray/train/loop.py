@@ -18,19 +18,21 @@ shared filesystem.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from apo_ray.config import Config, save_config, to_dict
+from apo_ray.errors import ConfigError, DivergedError
 from apo_ray.launch import check_tensor_parallel
-from apo_ray.model import check_model_dir, resolve_model
-from apo_ray.runtime import init_ray, resolve_device, versions
-from apo_ray.storage import strict_json
-from apo_ray.train.checkpoint import RUN_NAME
+from apo_ray.model import check_model, resolve_model
+from apo_ray.runtime import check_fits, init_ray, resolve_device, versions
+from apo_ray.storage import check_writable, get_fs, strict_json
+from apo_ray.train.checkpoint import RUN_NAME, check_resume
 from apo_ray.train.plan import make_plan
-from apo_ray.train.recipe import train_loop
+from apo_ray.train.recipe import ERROR_FILE, train_loop
 
 log = logging.getLogger("apo_ray.train")
 
@@ -41,23 +43,27 @@ def run(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from apo_ray.rewards import reward_fn_name
+    from apo_ray.rewards import checked_reward, reward_fn_name
     from apo_ray.train.data import load_train_prompts
 
     t0 = time.time()
     check_tensor_parallel(cfg)
+    out = _check_output_dir(cfg.train.output_dir)
+    resume_step = check_resume(to_dict(cfg), out, cfg.train.resume)
     model_path = resolve_model(cfg.model.path)
-    check_model_dir(model_path)
+    check_model(model_path, cfg)
     reward = reward_fn_name(cfg.data.task, cfg.reward.fn)
     prompts = load_train_prompts(cfg, reward, model_path)
-    init_ray(cfg.resources)
+    checked_reward(cfg.data.task, cfg.reward.fn, prompts[0].answer)
+    eval_rows = _eval_rows(cfg) if cfg.train.eval_every else []
+    if init_ray(cfg.resources) != "cluster":
+        check_resources(cfg, resolve_device(cfg.resources))
     device = resolve_device(cfg.resources)
     plan = make_plan(cfg, model_path, device, reward)
-    out = Path(plan.output_dir)
-    save_config(cfg, out)
-    eval_rows = _eval_rows(cfg) if cfg.train.eval_every else []
+    save_config(cfg, out)  # the maths keys equal the saved ones (check_resume), so this is the config in use
+    (out / ERROR_FILE).unlink(missing_ok=True)
     log.info(
-        "Stage 2 (%s): %d prompts, %d steps x %d prompts, %d learner(s) on %s, model %s",
+        "Stage 2 (%s): %d prompts, %d steps x %d prompts, %d learner(s) on %s, model %s%s",
         cfg.train.algo,
         len(prompts),
         cfg.train.num_steps,
@@ -65,6 +71,7 @@ def run(cfg: Config) -> dict:
         plan.world_size,
         device,
         model_path,
+        f", resuming after step {resume_step}" if resume_step else "",
     )
     trainer = TorchTrainer(
         train_loop,
@@ -88,7 +95,13 @@ def run(cfg: Config) -> dict:
             worker_runtime_env={"env_vars": plan.env},
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        error = out / ERROR_FILE
+        if error.is_file():  # the run stopped itself (recipe.raise_diverged): say why in one line
+            raise DivergedError(json.loads(error.read_text())["error"]) from None
+        raise
     from apo_ray.metrics import read_metrics
 
     rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
@@ -104,6 +117,33 @@ def run(cfg: Config) -> dict:
     (out / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     log.info("Stage 2 done: %d steps, final model in %s", summary["steps"], summary["final_model"])
     return summary
+
+
+def _check_output_dir(uri: str) -> Path:
+    """train.output_dir as a local directory that exists and is writable (Stage 2 writes with local file APIs)."""
+    if "://" in uri:
+        raise ConfigError(
+            f"config key 'train.output_dir': {uri!r} is a URI; Stage 2 writes checkpoints and the final model "
+            "with local file APIs, so give a local path (on a multi-node cluster, a shared mount such as /mnt/shared/...)"
+        )
+    fs, path = get_fs(uri)
+    check_writable(fs, path, "train.output_dir")
+    return Path(path)
+
+
+def check_resources(cfg: Config, device: str) -> None:
+    """Each learner and its rollout replica must fit on this (fixed-size) Ray."""
+    t = cfg.train
+    need = {"CPU": 2 * t.num_learners * cfg.resources.cpus_per_actor}  # a learner and its replica each
+    if device == "cuda":
+        gpus = t.num_learners * (1 + (cfg.engine.tensor_parallel_size if t.placement == "separate" else 0))
+        need = {"CPU": 2.0 * t.num_learners, "GPU": float(gpus)}
+    check_fits(
+        need,
+        "train.num_learners",
+        f"{t.num_learners} learner(s) with their rollout replicas (lower it or resources.cpus_per_actor, "
+        "or raise resources.num_cpus)",
+    )
 
 
 def _eval_rows(cfg: Config) -> list[dict]:

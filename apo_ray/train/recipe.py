@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class StepContext:
     prompts: list[dict]  # {prompt_id, prompt, answer, vstar}
     eval_rows: list[dict]  # {prompt, answer}: the in-training greedy eval (train.eval_every)
     learner: Any  # apo_ray.train.learner.Learner
+    spec: Any  # apo_ray.launch.EngineSpec of this rank's replica (to restart it)
     engine: Any  # the replica's Ray actor handle
     sync: Any  # apo_ray.rollout.weight_sync.WeightSync
     scorer: Any  # apo_ray.rewards.RewardScorer
@@ -77,7 +79,6 @@ def setup(config: dict) -> StepContext:
     import torch
 
     from apo_ray.config import config_from_dict
-    from apo_ray.launch import make_sync, start_rollout_replica
     from apo_ray.rewards import RewardScorer, get_reward_fn
     from apo_ray.train.checkpoint import seed_everything
     from apo_ray.train.learner import Learner
@@ -101,10 +102,7 @@ def setup(config: dict) -> StepContext:
         temperature=cfg.sampling.temperature,
     )
     spec = dataclasses.replace(plan.engine, seed=plan.engine.seed + rank)
-    engine = start_rollout_replica(
-        spec, device=plan.device, placement=cfg.train.placement, env=plan.env, cpus=cfg.resources.cpus_per_actor
-    )
-    return StepContext(
+    ctx = StepContext(
         cfg=cfg,
         plan=plan,
         rank=rank,
@@ -112,30 +110,57 @@ def setup(config: dict) -> StepContext:
         prompts=ray.get(config["prompts"]),
         eval_rows=ray.get(config["eval_rows"]),
         learner=learner,
-        engine=engine,
-        sync=make_sync(spec, rank=rank, run_id=f"{Path(plan.output_dir).name}-{os.getpid()}"),
+        spec=spec,
+        engine=None,
+        sync=None,
         scorer=RewardScorer(get_reward_fn(plan.reward_fn), plan.reward_fn),
-        pad_id=ray.get(engine.tokenizer_eos_id.remote()) or 0,
+        pad_id=0,
     )
+    start_replica(ctx)
+    ctx.pad_id = _call(ctx.engine, "tokenizer_eos_id") or 0
+    return ctx
+
+
+def start_replica(ctx: StepContext) -> None:
+    """(Re)start this rank's rollout replica and its weight sync (a new sync: NCCL groups die with the engine)."""
+    from apo_ray.launch import make_sync, start_rollout_replica
+
+    if ctx.sync is not None:
+        ctx.sync.close()
+    ctx.engine = start_rollout_replica(
+        ctx.spec,
+        device=ctx.plan.device,
+        placement=ctx.cfg.train.placement,
+        env=ctx.plan.env,
+        cpus=ctx.cfg.resources.cpus_per_actor,
+        timeout_s=ctx.cfg.engine.start_timeout_s,
+    )
+    ctx.sync = make_sync(ctx.spec, rank=ctx.rank, run_id=f"{Path(ctx.plan.output_dir).name}-{os.getpid()}")
 
 
 def resume(ctx: StepContext) -> tuple[int, float]:
     """(last step done, training seconds so far): from the checkpoint to resume from, else (0, 0.0)."""
+    from apo_ray.metrics import truncate_metrics
     from apo_ray.train.checkpoint import restore_rng, resume_from
 
-    ckpt = resume_from(Path(ctx.plan.output_dir))
-    if ckpt is None:
-        return 0, 0.0
-    with ckpt.as_directory() as d:
-        state = ctx.learner.load_checkpoint(d)
-    restore_rng(state.get("rng"))
-    ctx.sync.push(ctx.learner.named_weights(), ctx.engine)  # the replica starts from the reference weights
-    log.info("rank %d: resumed from step %d (%s)", ctx.rank, int(state["step"]), ckpt.path)
-    return int(state["step"]), float(state.get("time_s", 0.0))
+    out = Path(ctx.plan.output_dir)
+    ckpt = resume_from(out)
+    step, time_s = 0, 0.0
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = ctx.learner.load_checkpoint(d)
+        restore_rng(state.get("rng"))
+        ctx.sync.push(ctx.learner.named_weights(), ctx.engine)  # the replica starts from the reference weights
+        step, time_s = int(state["step"]), float(state.get("time_s", 0.0))
+        log.info("rank %d: resumed from step %d (%s)", ctx.rank, step, ckpt.path)
+    if ctx.rank == 0:  # the steps after the checkpoint are redone: their old rows go
+        truncate_metrics(out / "metrics.jsonl", step)
+    return step, time_s
 
 
 def train(ctx: StepContext, cfg_dict: dict, start_step: int, time_s: float) -> None:
     """Steps start_step + 1 .. train.num_steps (or until train.max_train_seconds), then the final model."""
+    from apo_ray.errors import DivergedError
     from apo_ray.metrics import MetricsLogger
     from apo_ray.train import checkpoint
     from apo_ray.train.dist import any_rank
@@ -166,18 +191,55 @@ def train(ctx: StepContext, cfg_dict: dict, start_step: int, time_s: float) -> N
             logger.log(step, metrics)
             if step % 10 == 0 or step == 1:
                 _log_step(step, metrics)
+        check_finite(step, metrics, out)
         out_of_time = any_rank(t.max_train_seconds is not None and time_s >= t.max_train_seconds)
         # Only checkpoint steps go through Ray Train (each report is a barrier and a log line);
         # every step's metrics reach metrics.jsonl, TensorBoard and the dashboard gauges anyway.
         if step % t.save_every == 0 or step == t.num_steps or out_of_time:
-            checkpoint.save(ctx.learner, out, step, time_s, metrics)
+            try:
+                checkpoint.save(ctx.learner, out, step, time_s, metrics)
+            except DivergedError as e:
+                raise_diverged(out, f"step {step}: {e}")
         if out_of_time:
             log.info("rank %d: train.max_train_seconds reached after step %d", ctx.rank, step)
             break
 
-    ctx.learner.save_hf(str(out / "final"))
+    try:
+        ctx.learner.save_hf(str(out / "final"))
+    except DivergedError as e:
+        raise_diverged(out, f"the final model: {e}")
     if logger is not None:
         logger.close()
+
+
+ERROR_FILE = "error.json"  # the reason a run stopped itself, for the driver's one-line message
+
+
+def check_finite(step: int, metrics: dict, out: Path) -> None:
+    """Stop the run (every rank, same step) if the step's loss, KL or gradient norm is not finite.
+
+    The step's update is not checkpointed; the last checkpoint stays the last good one.
+    """
+    bad = {k: metrics[k] for k in ("loss", "kl", "grad_norm") if k in metrics and not math.isfinite(metrics[k])}
+    if list(bad) == ["grad_norm"] and math.isnan(bad["grad_norm"]):
+        return  # no norm reported (finite loss): not divergence; the weights are checked at every save
+    if bad:
+        raise_diverged(out, f"step {step}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}")
+
+
+def raise_diverged(out: Path, reason: str) -> None:
+    import torch.distributed as dist
+
+    from apo_ray.errors import DivergedError
+    from apo_ray.storage import strict_json
+
+    msg = (
+        f"training diverged at {reason}; nothing after the last checkpoint in {out / 'ray'} was saved. "
+        "Lower train.lr or check the inputs (V*, rewards)"
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (out / ERROR_FILE).write_text(strict_json({"error": msg, "time": time.time()}) + "\n")
+    raise DivergedError(msg)
 
 
 def _log_step(step: int, m: dict) -> None:
@@ -249,12 +311,13 @@ def step_rows(ctx: StepContext, step: int) -> list[dict]:
 
 def generate(ctx: StepContext, step: int) -> tuple[list[dict], list]:
     """Phase 1: the replica samples plan.group completions per prompt of this rank's share."""
+    import ray
+
+    from apo_ray.train.dist import any_rank
+
     s, plan = ctx.cfg.sampling, ctx.plan
     rows = step_rows(ctx, step)
-    results = _call(
-        ctx.engine,
-        "generate",
-        [r["prompt"] for r in rows],
+    request = dict(
         n=plan.group,
         temperature=s.temperature,
         top_p=s.top_p,
@@ -262,6 +325,22 @@ def generate(ctx: StepContext, step: int) -> tuple[list[dict], list]:
         seed=(s.seed * 7919 + step) * 1_000_003 + ctx.rank * len(rows) * plan.group,
         logprobs=True,
     )
+    prompts = [r["prompt"] for r in rows]
+    try:
+        results, died = _call(ctx.engine, "generate", prompts, **request), False
+    except ray.exceptions.RayActorError as e:
+        log.warning("rank %d, step %d: the rollout replica died (%s); restarting it", ctx.rank, step, e)
+        results, died = None, True
+    if any_rank(died):  # every rank takes part: under ZeRO-3 the weight gather is a collective
+        if died:
+            start_replica(ctx)
+        weights = ctx.learner.named_weights()
+        if died:  # the new replica gets the current weights before it samples
+            ctx.sync.push(weights, ctx.engine)
+            results = _call(ctx.engine, "generate", prompts, **request)
+        else:
+            for _ in weights:
+                pass
     return rows, results
 
 

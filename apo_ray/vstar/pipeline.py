@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from apo_ray.config import Config, to_dict, to_yaml
 from apo_ray.errors import ConfigError
-from apo_ray.launch import EngineSpec, build_engine, engine_spec, fan_out, pool_item
-from apo_ray.model import check_model_dir, resolve_model
+from apo_ray.launch import EngineSpec, build_engine, check_pool_fits, engine_spec, fan_out, pool_item
+from apo_ray.model import check_model, resolve_model
 from apo_ray.runtime import init_ray, resolve_device, resolve_dtype, versions, worker_env
 from apo_ray.storage import (
     OutputLock,
@@ -126,7 +126,9 @@ class ShardSampler:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_tokens,
-                seed=s.seed + shard * cfg.vstar.shard_size + c0,  # engine adds the prompt's index in the call
+                # Prompt k of the whole set gets seed + k * n and its samples seed + k * n + j (the
+                # engine adds i * n + j within the call): distinct streams across prompts and shards.
+                seed=s.seed + (shard * cfg.vstar.shard_size + c0) * n,
             )
             for j, res in zip(chunk, results):
                 tokens += sum(len(c.token_ids) for c in res.completions)
@@ -194,11 +196,10 @@ class _Stage1Metrics:
 # ---------------------------------------------------------------- the driver
 
 
-def make_plan(cfg: Config, model_path: str, device: str, fingerprint: str, num_prompts: int) -> tuple[Stage1Plan, dict]:
+def make_plan(
+    cfg: Config, model_path: str, device: str, fingerprint: str, num_prompts: int, reward: str
+) -> tuple[Stage1Plan, dict]:
     """The derived plan, and the settings it pins (their hash names the plan)."""
-    from apo_ray.rewards import reward_fn_name
-
-    reward = reward_fn_name(cfg.data.task, cfg.reward.fn)
     v = cfg.vstar
     pinned = {
         "model": model_path,
@@ -233,6 +234,10 @@ def _prepare_output(fs, out: str, uri: str, plan: Stage1Plan, pinned: dict, over
                 fs.delete_file(f"{out}/{name}")
         if fs_exists(fs, f"{out}/_stats"):
             fs.delete_dir(f"{out}/_stats")
+    done = {i for i in range(plan.num_shards) if fs_exists(fs, f"{out}/{shard_name(i)}")}
+    if fs_exists(fs, plan_path) and not done and not fs_exists(fs, f"{out}/manifest.json"):
+        log.info("replacing %s/plan.json: no shard was written under it", uri)  # a run that failed early
+        fs.delete_file(plan_path)
     if fs_exists(fs, plan_path):
         old = fs_read_json(fs, plan_path)
         if old.get("plan_hash") != plan.plan_hash:
@@ -245,29 +250,33 @@ def _prepare_output(fs, out: str, uri: str, plan: Stage1Plan, pinned: dict, over
         fs_write_json(fs, plan_path, {"plan_hash": plan.plan_hash, "pinned": pinned})
     fs.create_dir(f"{out}/_stats", recursive=True)
     remove_partial_writes(fs, out)
-    return {i for i in range(plan.num_shards) if fs_exists(fs, f"{out}/{shard_name(i)}")}
+    return done
 
 
 def run(cfg: Config) -> dict:
     """Run Stage 1 end to end; returns the manifest (also written to vstar.output_dir/manifest.json)."""
     from apo_ray.data import load_prompts
+    from apo_ray.rewards import checked_reward
 
     t_start = time.time()
     uri = cfg.vstar.output_dir
     fs, out = get_fs(uri)
     check_writable(fs, out, "vstar.output_dir")  # fail before any actor starts
     model_path = resolve_model(cfg.model.path)
-    check_model_dir(model_path)
+    check_model(model_path, cfg)
     prompts = load_prompts(cfg.data, "train")
     if prompts.skipped:
         log.warning("skipped %d bad prompt rows (data.on_bad_row=skip)", prompts.skipped)
+    reward = checked_reward(cfg.data.task, cfg.reward.fn, prompts.rows[0]["answer"])
 
     lock = OutputLock(fs, out, uri)
     lock.acquire()
     try:
-        init_ray(cfg.resources)
+        fixed_size = init_ray(cfg.resources) != "cluster"
         device = resolve_device(cfg.resources)
-        plan, pinned = make_plan(cfg, model_path, device, prompts.fingerprint, len(prompts))
+        if fixed_size:
+            check_pool_fits(cfg, device, cfg.vstar.min_actors, "vstar.min_actors")
+        plan, pinned = make_plan(cfg, model_path, device, prompts.fingerprint, len(prompts), reward)
         if fs_exists(fs, f"{out}/manifest.json") and not cfg.vstar.overwrite:
             manifest = fs_read_json(fs, f"{out}/manifest.json")
             if manifest.get("plan_hash") == plan.plan_hash and manifest.get("complete"):
@@ -291,6 +300,7 @@ def run(cfg: Config) -> dict:
             _run_shards(cfg, plan, uri, prompts.rows, todo, device)
         gen_s = time.time() - t_gen
         manifest = _write_manifest(cfg, plan, fs, out, prompts, t_start, gen_s)
+        _check_reward_errors(cfg, plan, fs, out, manifest)
     finally:
         lock.release()
     log.info(
@@ -322,6 +332,28 @@ def _run_shards(cfg: Config, plan: Stage1Plan, uri: str, rows: list[dict], todo:
         log_every_s=cfg.vstar.log_every_s,
     ):
         pass  # each shard is written by its actor; the rows are progress
+
+
+def _check_reward_errors(cfg: Config, plan: Stage1Plan, fs, out: str, manifest: dict) -> None:
+    """Fail when too many completions could not be scored: their V* would be built on zeros.
+
+    The shards that hold reward errors are deleted (and the manifest marked incomplete), so the
+    rerun with a fixed reward function redoes exactly those.
+    """
+    counts = manifest["counts"]
+    rate = counts["reward_errors"] / max(counts["completions"], 1)
+    if rate <= cfg.vstar.max_reward_error_rate:
+        return
+    for i in range(plan.num_shards):
+        if fs_read_json(fs, f"{out}/{stats_name(i)}")["reward_errors"]:
+            fs.delete_file(f"{out}/{shard_name(i)}")
+    manifest["complete"] = False
+    fs_write_json(fs, f"{out}/manifest.json", manifest)
+    raise ConfigError(
+        f"config key 'reward.fn': {plan.reward_fn!r} raised on {counts['reward_errors']} of {counts['completions']} "
+        f"completions ({rate:.1%}, more than vstar.max_reward_error_rate={cfg.vstar.max_reward_error_rate}); "
+        f"first error: {manifest['first_reward_error']}"
+    )
 
 
 def _write_manifest(cfg: Config, plan: Stage1Plan, fs, out: str, prompts, t_start: float, gen_s: float) -> dict:

@@ -342,5 +342,5 @@ def test_hf_source_with_fake_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_hf_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(DataError, match="pip install datasets"):
         load_prompts(cfg("gsm8k", "hf:openai/gsm8k:main"), "train")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,11 +14,21 @@ from apo_ray.errors import DataError, VStarMismatchError
 from apo_ray.train.data import load_train_prompts
 
 
-def _vstar_output(tmp_path, ids, model="/models/ref", reward_fn="arith"):
+def _fingerprint(tmp_path):
+    return load_prompts(_cfg(tmp_path).data, "train").fingerprint
+
+
+def _vstar_output(tmp_path, ids, model="/models/ref", reward_fn="arith", **fields):
     out = tmp_path / "vstar"
     out.mkdir()
     pq.write_table(pa.table({"prompt_id": ids, "vstar": [0.25 * i for i in range(len(ids))]}), out / "s0.parquet")
-    manifest = {"shards": ["s0.parquet"], "model": model, "reward_fn": reward_fn, "dataset": {"fingerprint": "x"}}
+    manifest = {
+        "shards": ["s0.parquet"],
+        "model": model,
+        "reward_fn": reward_fn,
+        "dataset": {"fingerprint": _fingerprint(tmp_path)},
+        **fields,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -35,12 +44,31 @@ def test_join_gives_each_prompt_its_vstar(tmp_path):
     assert [(p.prompt_id, p.vstar) for p in prompts] == [(pid, 0.25 * i) for i, pid in enumerate(ids)]
 
 
-def test_vstar_of_another_model_warns_naming_both(tmp_path, caplog):
+def test_vstar_of_another_model_is_refused_naming_both(tmp_path):
     ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
     cfg = _cfg(_vstar_output(tmp_path, ids, model="/models/old"))
-    with caplog.at_level(logging.WARNING, logger="apo_ray.train"):
+    with pytest.raises(VStarMismatchError, match="model.path is '/models/old' there, '/models/new' here"):
         load_train_prompts(cfg, "arith", "/models/new")
-    assert "/models/old" in caplog.text and "/models/new" in caplog.text
+
+
+def test_vstar_of_other_settings_is_refused_listing_every_difference(tmp_path):
+    ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
+    sampling = {"temperature": 0.7, "top_p": 1.0, "max_tokens": 8, "max_prompt_tokens": 32, "seed": 5}
+    out = _vstar_output(tmp_path, ids, num_samples=2, beta1="inf", sampling=sampling)
+    with pytest.raises(VStarMismatchError) as e:
+        load_train_prompts(_cfg(out), "arith", "/models/ref")
+    msg = str(e.value)
+    for part in ("vstar.num_samples is 2 there, 8 here", "vstar.beta1 is inf there, 0.5 here", "sampling.temperature"):
+        assert part in msg, msg
+    assert "seed" not in msg  # another sampling seed gives another estimate of the same V*
+
+
+def test_vstar_of_another_dataset_is_refused(tmp_path):
+    ids = [r["prompt_id"] for r in load_prompts(_cfg(tmp_path).data, "train").rows]
+    out = _vstar_output(tmp_path, ids)
+    cfg = load_config("demo", ["data.arith.num_train=4", "data.arith.seed=7", f"train.vstar_dir={out}"])
+    with pytest.raises(VStarMismatchError, match=r"data.\* \(dataset fingerprint\)"):
+        load_train_prompts(cfg, "arith", "/models/ref")
 
 
 def test_other_reward_function_is_an_error(tmp_path):
@@ -69,7 +97,8 @@ def _shard(out, name, ids, vstar, rewards=None):
 
 
 def _manifest(out, shards):
-    manifest = {"shards": shards, "model": "/models/ref", "reward_fn": "arith", "dataset": {"fingerprint": "x"}}
+    fingerprint = _fingerprint(out.parent)
+    manifest = {"shards": shards, "model": "/models/ref", "reward_fn": "arith", "dataset": {"fingerprint": fingerprint}}
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
