@@ -3,6 +3,7 @@
     python jobs/bench.py stage1  --config demo   # pipeline tokens/s vs a bare vllm.LLM.generate
     python jobs/bench.py stage2  --config demo   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
     python jobs/bench.py compare --config demo   # A*-PO vs GRPO at equal wall-clock: accuracy curves, KL
+    python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
 
 Each writes JSON under runs/bench/ and prints a table. They run on whatever machine
 they are started on; the README says which machine each quoted figure came from.
@@ -320,6 +321,57 @@ def _plot_compare(res: dict, out: Path) -> None:
     plt.close(fig)
 
 
+LOAD_SCALES = (1, 5, 20)
+
+_LOAD_ONE = """
+import json, sys
+from apo_ray.config import load_config
+from apo_ray.runtime import setup_logging
+from apo_ray import vstar
+setup_logging()
+m = vstar.run(load_config(sys.argv[1], sys.argv[2:]))
+keep = ("wall_time_s", "generation_wall_time_s", "prompts_per_s", "generated_tokens_per_s",
+        "actor_peak_rss_mb", "driver_peak_rss_mb")
+print("LOAD " + json.dumps({k: m[k] for k in keep} | {"prompts": m["counts"]["prompts_in"]}))
+"""
+
+
+def bench_load(config: str, overrides: list[str]) -> dict:
+    """Stage 1 at 1x, 5x and 20x the config's prompt count, each in a fresh process with its own Ray:
+    throughput and the peak RSS of the driver and of a sampler actor. The driver holds the prompts
+    and one stats row per shard, never the completions, so its peak should stay flat.
+
+    The demo's 2-digit task has only ~5,000 distinct training problems, so the prompts are 3-digit
+    additions (same prompt and completion lengths within a token or two) at every scale.
+    """
+    import json
+    import subprocess
+
+    base = load_config(config, overrides).data.arith.num_train
+    rows = []
+    for k in LOAD_SCALES:
+        extra = [
+            "data.arith.digits=3",
+            f"data.arith.num_train={base * k}",
+            f"vstar.output_dir={OUT / f'load_{k}x'}",
+            "vstar.overwrite=true",
+        ]
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_ONE, config, *overrides, *extra], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"load bench at {k}x failed:\n{done.stderr[-3000:]}")
+        line = next(x for x in done.stdout.splitlines() if x.startswith("LOAD "))
+        rows.append({"scale": k, **json.loads(line[5:])})
+        r = rows[-1]
+        print(
+            f"{k:>3}x {r['prompts']:>6} prompts: {r['wall_time_s']:6.1f} s, {r['prompts_per_s']:7.1f} prompts/s, "
+            f"{r['generated_tokens_per_s']:6.0f} tokens/s, driver peak {r['driver_peak_rss_mb']:.0f} MiB, "
+            f"actor peak {r['actor_peak_rss_mb']:.0f} MiB"
+        )
+    return {"load": rows}
+
+
 def _clean(path: str) -> None:
     import shutil
 
@@ -331,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("which", choices=("stage1", "stage2", "compare"))
+    p.add_argument("which", choices=("stage1", "stage2", "compare", "load"))
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--steps", type=int, default=12, help="stage2: steps per algorithm")
     p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
@@ -350,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     from apo_ray.runtime import init_ray, versions
 
-    init_ray(cfg.resources)
     t = time.time()
-    if args.which == "stage1":
+    if args.which != "load":  # the load bench starts a fresh Ray per scale
+        init_ray(cfg.resources)
+    if args.which == "load":
+        res = bench_load(args.config, args.overrides)
+    elif args.which == "stage1":
         res = bench_stage1(cfg)
     elif args.which == "stage2":
         res = bench_stage2(cfg, args.steps)

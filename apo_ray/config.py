@@ -109,6 +109,9 @@ class EngineConfig:
     # An engine actor that is not up after this many seconds fails the run (instead of waiting
     # forever for resources that never come); a 7B model read from a hub takes minutes.
     start_timeout_s: float = 1200.0
+    # GPU, colocated: vLLM sleep level while the learner trains. 1 offloads the weights to CPU
+    # memory; 2 discards them (the sync rewrites every weight; not run on a GPU by this project).
+    sleep_level: Literal[1, 2] = 1
 
 
 @dataclass

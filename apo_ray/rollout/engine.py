@@ -229,13 +229,18 @@ class RolloutEngine:
     # ------------------------------------------------------------ memory (GPU path)
 
     def sleep(self, level: int = 1) -> None:
-        """Free GPU memory while the colocated learner trains (level 1: weights to CPU, KV cache dropped).
+        """Free GPU memory while the colocated learner trains.
 
+        Level 1 offloads the weights to CPU memory and drops the KV cache; level 2 drops both
+        (nothing is copied: every weight is overwritten by the sync after wake-up, but buffers
+        the weight loader does not rewrite would be lost; untested here, see engine.sleep_level).
         No-op on CPU or when built without ``enable_sleep_mode``.
         """
         if self.sleep_enabled:
             self.llm.sleep(level=level)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what `sleep` freed: ``tags=["weights"]`` first, sync, then ``["kv_cache"]`` keeps the
+        peak low (vLLM's documented RLHF pattern); None restores both. No-op on CPU."""
         if self.sleep_enabled:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=tags)

@@ -335,17 +335,23 @@ class NcclWeightSync:
         self.group = None
 
     def _init(self, engine: Any) -> None:
-        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+        """Rendezvous on a port this process already listens on: picking a free port, releasing it
+        and binding it again in the store could lose it to another process in between."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.utils.nccl import unpinned_nccl_env
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
         try:
             import ray
 
             host = ray.util.get_node_ip_address()
         except Exception:  # noqa: BLE001 - no Ray: single host
             host = "127.0.0.1"
+        listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listen.bind((host, 0))
+        listen.listen()
+        port = listen.getsockname()[1]
         world = 1 + self.engine_world_size
         info = {
             "master_address": host,
@@ -357,7 +363,10 @@ class NcclWeightSync:
             "packed_num_buffers": 2,
         }
         pending = _call_async(engine, "init_weight_transfer_engine", info)  # blocks in the rendezvous
-        self.group = trainer_init({"master_address": host, "master_port": port, "world_size": world})
+        # vLLM's trainer_init, with our listening socket handed to the store (rank 0 serves it).
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world, listen_socket=listen)
+        with unpinned_nccl_env():
+            self.group = PyNcclCommunicator(pg, device=torch.cuda.current_device())
         _wait(pending)
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], engine: Any) -> PushStats:

@@ -44,6 +44,7 @@ import torch
 
 from apo_ray.config import TrainConfig
 from apo_ray.train.dist import comm_device, global_sum
+from apo_ray.train.plan import check_bf16_accumulation
 
 # Tokenizer files copied next to saved weights, so a saved dir is a full HF / vLLM model dir.
 _TOKENIZER_GLOBS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.jinja")
@@ -215,6 +216,7 @@ class Learner:
             )
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        check_bf16_accumulation(dtype, cfg.zero_stage)
         _init_deepspeed_dist(device)
         if torch.distributed.get_world_size() != world_size or torch.distributed.get_rank() != rank:
             raise ValueError(
@@ -252,6 +254,10 @@ class Learner:
             "gradient_clipping": c.grad_clip,
             "zero_optimization": {"stage": c.zero_stage},
             "bf16": {"enabled": self.dtype == "bfloat16"},
+            # With ZeRO >= 1 DeepSpeed accumulates gradients in the model dtype unless told
+            # otherwise: 8-32 bf16 micro-batch sums lose ~3 significant digits. ZeRO-0 + bf16
+            # cannot accumulate in fp32 and is refused (`check_bf16_accumulation`).
+            "data_types": {"grad_accum_dtype": "fp32"},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -279,8 +285,14 @@ class Learner:
             engine, *_ = deepspeed.initialize(model=ref, config=config)
             engine.eval()
             return engine
+        # Cast the parameters only, as DeepSpeed does for the policy: buffers such as the rotary
+        # inv_freq stay float32 (in bf16 the rotary angles drift by up to ~1.5 rad at position 1280,
+        # so log pi - log pi_ref would not be 0 at step 0).
         model_dtype = next(self.engine.module.parameters()).dtype
-        return ref.to(device=self.device, dtype=model_dtype)
+        ref.to(device=self.device)
+        for param in ref.parameters():
+            param.data = param.data.to(model_dtype)
+        return ref
 
     # ------------------------------------------------------------ forward passes
 
@@ -481,16 +493,33 @@ class Learner:
 
     # ------------------------------------------------------------ weights out
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF state-dict name, full CPU tensor in the model dtype), every key of the HF state dict.
+    def named_weights(self, *, on_device: bool = False, skip_tied: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF state-dict name, full tensor in the model dtype), every key of the HF state dict.
 
         A collective under ZeRO-3: every rank must exhaust the iterator (parameters are gathered
-        one module at a time); every rank yields the full tensors (each rank feeds its own rollout replica). Tied weights appear under each of their names.
+        one module at a time); every rank yields the full tensors (each rank feeds its own rollout
+        replica). Tied weights appear under each of their names, unless `skip_tied`.
+
+        Args:
+            on_device: yield tensors on the learner's device (the GPU weight-sync backends read
+                them there: no GPU -> CPU -> GPU round trip); ZeRO 0-2 then yield the live
+                parameters without a copy (read them before the next optimizer step). Default:
+                CPU copies.
+            skip_tied: leave out ``lm_head.weight`` when the model ties it to the input
+                embeddings (vLLM loads it from ``embed_tokens``), saving one vocab x hidden copy.
         """
         module = self.engine.module
+        skip = "lm_head.weight" if skip_tied and getattr(module.config, "tie_word_embeddings", False) else None
+
+        def out(t: torch.Tensor, gathered: bool) -> torch.Tensor:
+            if not on_device:
+                return t.detach().to("cpu", copy=True)
+            return t.detach().clone() if gathered else t.detach()  # a gathered shard is freed after its module
+
         if self.cfg.zero_stage != 3:
             for name, t in module.state_dict().items():
-                yield name, t.detach().to("cpu", copy=True)
+                if name != skip:
+                    yield name, out(t, gathered=False)
             return
         import deepspeed
 
@@ -501,7 +530,14 @@ class Learner:
                 continue
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
                 for n, t in {**params, **buffers}.items():
-                    yield (f"{prefix}.{n}" if prefix else n), t.detach().to("cpu", copy=True)
+                    name = f"{prefix}.{n}" if prefix else n
+                    if name != skip:
+                        yield name, out(t, gathered=n in params)
+
+    def free_cache(self) -> None:
+        """Return the caching allocator's free blocks to the GPU (before a colocated vLLM wakes up)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def save_hf(self, directory: str) -> None:
         """Write an HF model dir (config, safetensors, tokenizer files) loadable by transformers and vLLM.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_ray.config import Config
+from apo_ray.errors import ConfigError
 from apo_ray.launch import EngineSpec, engine_spec
 from apo_ray.runtime import resolve_dtype, worker_env
 
@@ -34,6 +35,15 @@ class Stage2Plan:
     env: dict
 
 
+def check_bf16_accumulation(dtype: str, zero_stage: int) -> None:
+    """ZeRO-0 in bf16 accumulates gradients in bf16 (DeepSpeed has no fp32 accumulation buffer there)."""
+    if dtype == "bfloat16" and zero_stage == 0:
+        raise ConfigError(
+            "config key 'train.zero_stage': 0 with bfloat16 weights accumulates gradients in bfloat16; use "
+            "train.zero_stage=1 or more (fp32 accumulation), or model.dtype=float32"
+        )
+
+
 def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stage2Plan:
     """The plan of a Stage 2 run on `device` ("cpu" | "cuda"); the config is already validated."""
     t = cfg.train
@@ -44,6 +54,7 @@ def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stag
         backend = "ipc" if t.placement == "colocate" else "nccl"
     sleep = device == "cuda" and t.placement == "colocate" and t.sleep_between_phases
     dtype = resolve_dtype(cfg.model.dtype, device)
+    check_bf16_accumulation(dtype, t.zero_stage)
     return Stage2Plan(
         model_path=model_path,
         device=device,

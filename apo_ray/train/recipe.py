@@ -268,7 +268,7 @@ def one_step(ctx: StepContext, step: int) -> dict:
     rows, results = generate(ctx, step)
     generate_s = time.perf_counter() - t0
     if ctx.plan.sleep_engine:
-        _call(ctx.engine, "sleep")
+        _call(ctx.engine, "sleep", level=ctx.cfg.engine.sleep_level)
     rollout = score(ctx, rows, results)
     t1 = time.perf_counter()
     mb_stats = update(ctx, rollout.batch)
@@ -395,10 +395,32 @@ def update(ctx: StepContext, batch: Any) -> list[dict]:
 
 
 def sync(ctx: StepContext) -> None:
-    """Phase 4: the new weights into the replica (woken first if it slept through the update)."""
+    """Phase 4: the new weights into the replica.
+
+    A replica that slept through the update wakes in two parts around the push (the learner's
+    cached blocks freed first): its weights, then its KV cache, so the peak holds the learner,
+    vLLM's weights and one sync bucket, never the KV cache too. A rank whose push fails drains
+    the weight iterator (the ZeRO-3 gathers are collectives) and every rank then stops together.
+    """
+    from apo_ray.train.dist import any_rank
+
     if ctx.plan.sleep_engine:
-        _call(ctx.engine, "wake_up")
-    ctx.sync.push(ctx.learner.named_weights(), ctx.engine)
+        ctx.learner.free_cache()
+        _call(ctx.engine, "wake_up", tags=["weights"])
+    weights = ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
+    failed: BaseException | None = None
+    try:
+        ctx.sync.push(weights, ctx.engine)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        failed = e
+        for _ in weights:
+            pass
+    if any_rank(failed is not None):
+        if failed is not None:
+            raise failed
+        raise RuntimeError(f"rank {ctx.rank}: weight sync failed on another rank; stopping with it")
+    if ctx.plan.sleep_engine:
+        _call(ctx.engine, "wake_up", tags=["kv_cache"])
 
 
 def quick_eval(ctx: StepContext) -> dict:

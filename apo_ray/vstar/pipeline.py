@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass
 
@@ -164,6 +165,8 @@ class ShardSampler:
             "tokens": tokens,
             "reward_sum": float(r_PN.sum()),
             "seconds": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this actor, so far
+            "node": _node_id(),
         }
         # The stats sidecar first, the parquet file last: a shard counts as done iff its parquet file exists.
         fs_write_json(self.fs, f"{self.out}/{stats_name(shard)}", stats)
@@ -172,6 +175,12 @@ class ShardSampler:
         fs_write_bytes(self.fs, f"{self.out}/{shard_name(shard)}", sink.getvalue().to_pybytes())
         self._metrics.record(len(ids), len(keep) * n, tokens, seconds, float(r_PN.mean()) if len(keep) else 0.0)
         return stats
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class _Stage1Metrics:
@@ -368,8 +377,11 @@ def _write_manifest(cfg: Config, plan: Stage1Plan, fs, out: str, prompts, t_star
         "generated_tokens": 0,
     }
     filtered_ids, too_long_ids, first_error, reward_sum, shard_seconds = [], [], None, 0.0, 0.0
+    actor_rss, nodes = 0.0, set()
     for i in range(plan.num_shards):
         st = fs_read_json(fs, f"{out}/{stats_name(i)}")
+        actor_rss = max(actor_rss, st.get("peak_rss_mb", 0.0))
+        nodes.add(st.get("node"))
         counts["rows_written"] += st["rows"]
         counts["reward_errors"] += st["reward_errors"]
         counts["completions"] += st["completions"]
@@ -416,6 +428,9 @@ def _write_manifest(cfg: Config, plan: Stage1Plan, fs, out: str, prompts, t_star
         # Summed over shards, inside the actors (generate + score + V* + write): the work, without
         # Ray Data planning and engine start-up. Equals the work time with one actor.
         "shard_seconds": shard_seconds,
+        "actor_peak_rss_mb": actor_rss,
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "nodes": sorted(n for n in nodes if n),  # Ray node ids of the actors that wrote the shards
         "prompts_per_s": counts["prompts_in"] / max(wall, 1e-9),
         "generated_tokens_per_s": counts["generated_tokens"] / max(wall, 1e-9),
         "versions": versions(),

@@ -36,3 +36,13 @@ def crash_once_after_200_calls(completion: str, answer: str) -> float:
     if n == 200:
         os._exit(1)
     return _arith(completion, answer)
+
+
+FIXED_FLAG = Path(tempfile.gettempdir()) / "apo_ray_test_reward_fixed"
+
+
+def flaky_until_fixed(completion: str, answer: str) -> float:
+    """`flaky_arith` until FIXED_FLAG exists: a reward whose code the user then fixes (same name)."""
+    if answer.endswith("7") and not FIXED_FLAG.exists():
+        raise ValueError(f"flaky reward refuses answer {answer}")
+    return _arith(completion, answer)

@@ -149,10 +149,13 @@ def test_missing_vstar_row_is_an_error(ray_session, tiny_model_dir, vstar_dir, t
 
     # Stage 1 ran on the default 512 prompts; a different seed gives prompts it never saw.
     cfg = train_config(tiny_model_dir, vstar_dir, tmp_path / "t", "data.arith.seed=7")
-    with pytest.raises(VStarMismatchError, match=f"has no V\\* row in '{vstar_dir}'"):
+    with pytest.raises(VStarMismatchError, match=r"data.\* \(dataset fingerprint\)"):
         train.run(cfg)
     cfg = train_config(tiny_model_dir, vstar_dir, tmp_path / "t", "reward.fn=gsm8k")
-    with pytest.raises(VStarMismatchError, match="same reward"):
+    with pytest.raises(VStarMismatchError, match="reward.fn is 'arith' there, 'gsm8k' here"):
+        train.run(cfg)
+    cfg = train_config(tiny_model_dir, vstar_dir, tmp_path / "t", "vstar.num_samples=2", "vstar.beta1=inf")
+    with pytest.raises(VStarMismatchError, match="vstar.num_samples is 8 there, 2 here; vstar.beta1 is 0.5 there"):
         train.run(cfg)
 
 
@@ -183,6 +186,44 @@ def test_worker_death_restarts_from_last_checkpoint(ray_session, tiny_model_dir,
     )
     assert int(CRASH_STATE.read_text()) > 200, "the worker never crashed"
     logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 3, 4, 5, 6], "step 3 is redone after restarting from the step-2 checkpoint"
+    assert logged == [1, 2, 3, 4, 5, 6], "step 3 is redone after the restart from step 2, and logged once"
     assert all(r["logprob_gap"] < 1e-3 for r in read_metrics(out / "metrics.jsonl"))
     CRASH_STATE.unlink()
+
+
+def test_more_learners_than_the_local_ray_holds_is_refused_not_waited_for(ray_session, tiny_model_dir, tmp_path):
+    from apo_ray import train
+    from apo_ray.errors import ConfigError
+
+    cfg = train_config(
+        tiny_model_dir,
+        tmp_path / "unused",
+        tmp_path / "t",
+        "train.algo=grpo",
+        "train.num_learners=64",
+        "train.micro_batch_size=1",
+    )
+    with pytest.raises(ConfigError, match=r"^config key 'train.num_learners': 64 .*128 CPU needed, 6 exist"):
+        train.run(cfg)
+
+
+def test_nan_vstar_is_refused_before_training(ray_session, tiny_model_dir, vstar_dir, tmp_path):
+    """A V* shard whose values are NaN: Stage 2 stops at the read, naming the shard; no model is written."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from apo_ray import train
+    from apo_ray.errors import DataError
+
+    bad = tmp_path / "vstar"
+    shutil.copytree(vstar_dir, bad)
+    shard = sorted(bad.glob("shard-*.parquet"))[0]
+    table = pq.read_table(shard)
+    table = table.set_column(table.column_names.index("vstar"), "vstar", pa.array([float("nan")] * table.num_rows))
+    pq.write_table(table, shard)
+    out = tmp_path / "t"
+    with pytest.raises(DataError, match=rf"V\* of prompt .* in {bad}/{shard.name} is nan"):
+        train.run(train_config(tiny_model_dir, bad, out))
+    assert not (out / "final").exists()

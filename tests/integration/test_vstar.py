@@ -78,6 +78,7 @@ def test_reward_errors_are_counted_and_unsolvable_filtered(ray_session, tiny_mod
         "reward.fn=helpers_rewards:flaky_arith",
         "vstar.filter_unsolvable=true",
         "vstar.num_samples=4",
+        "vstar.max_reward_error_rate=0.5",  # ~8 % of these prompts raise: allowed here, counted
     )
     manifest = vstar.run(cfg)
     from apo_ray.data import load_prompts
@@ -166,3 +167,47 @@ def test_resume_after_killing_the_driver(tiny_model_dir, tmp_path):
     assert len(rows) == 96 and len({r["prompt_id"] for r in rows}) == 96
     for name, mtime in before.items():  # shards from the first run were not recomputed
         assert (out / name).stat().st_mtime == mtime
+
+
+def test_too_many_reward_errors_fail_and_the_fixed_rerun_redoes_those_shards(ray_session, tiny_model_dir, tmp_path):
+    """~8 % of completions cannot be scored (> the default 5 %): Stage 1 fails with the first error's
+    text, deletes the shards that hold errors and marks the manifest incomplete; once the reward's code
+    is fixed, the same command redoes exactly those shards."""
+    from helpers_rewards import FIXED_FLAG
+
+    from apo_ray import vstar
+
+    FIXED_FLAG.unlink(missing_ok=True)
+    out = tmp_path / "vstar"
+    cfg = demo_config(
+        f"model.path={tiny_model_dir}",
+        f"vstar.output_dir={out}",
+        "data.arith.num_train=64",
+        "vstar.shard_size=8",
+        "reward.fn=helpers_rewards:flaky_until_fixed",
+    )
+    with pytest.raises(ConfigError, match=r"^config key 'reward.fn': .*raised on \d+ of 512 .*flaky reward refuses"):
+        vstar.run(cfg)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    kept = {p.name: p.stat().st_mtime for p in out.glob("shard-*.parquet")}
+    assert 0 < len(kept) < 8  # the shards without errors stay
+    FIXED_FLAG.touch()
+    try:
+        again = vstar.run(cfg)
+    finally:
+        FIXED_FLAG.unlink()
+    assert again["complete"] and again["counts"]["reward_errors"] == 0 and again["counts"]["rows_written"] == 64
+    for name, mtime in kept.items():  # the clean shards were not recomputed
+        assert (out / name).stat().st_mtime == mtime
+
+
+def test_pool_larger_than_the_local_ray_is_refused_and_leaves_nothing_blocking(ray_session, tiny_model_dir, tmp_path):
+    from apo_ray import vstar
+
+    out = tmp_path / "vstar"
+    args = [f"model.path={tiny_model_dir}", f"vstar.output_dir={out}", "data.arith.num_train=32", "vstar.shard_size=16"]
+    with pytest.raises(ConfigError, match=r"^config key 'vstar.min_actors': 64 engine actor.*64 CPU needed, 6 exist"):
+        vstar.run(demo_config(*args, "vstar.min_actors=64", "vstar.max_actors=64"))
+    # The corrected rerun (another N, so another plan) is not blocked by what the failed run left.
+    manifest = vstar.run(demo_config(*args, "vstar.num_samples=2"))
+    assert manifest["complete"] and manifest["counts"]["rows_written"] == 32

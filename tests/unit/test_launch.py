@@ -41,7 +41,7 @@ def test_stage2_refuses_colocate_with_tensor_parallel_before_anything_starts(tmp
 
 
 def test_separate_tp2_on_gpus_syncs_over_nccl_with_engine_world_size_2():
-    cfg = load_config("demo", ["engine.tensor_parallel_size=2", "train.placement=separate"])
+    cfg = load_config("demo", ["engine.tensor_parallel_size=2", "train.placement=separate", "train.zero_stage=2"])
     plan = make_plan(cfg, "/m", "cuda", "arith")
     assert plan.sync_backend == "nccl" and plan.engine.weight_sync == "nccl"
     assert plan.engine.tensor_parallel_size == 2 and not plan.sleep_engine
@@ -54,7 +54,7 @@ def test_separate_tp2_on_gpus_syncs_over_nccl_with_engine_world_size_2():
     [("cpu", "colocate", "shm", False), ("cuda", "colocate", "ipc", True), ("cuda", "separate", "nccl", False)],
 )
 def test_sync_backend_and_sleep_are_decided_once_in_the_plan(device, placement, backend, sleeps):
-    plan = make_plan(load_config("demo", [f"train.placement={placement}"]), "/m", device, "arith")
+    plan = make_plan(load_config("demo", [f"train.placement={placement}", "train.zero_stage=2"]), "/m", device, "arith")
     assert (plan.sync_backend, plan.sleep_engine) == (backend, sleeps)
     assert plan.engine.weight_sync == backend and plan.engine.enable_sleep_mode == sleeps
     assert plan.dtype == ("bfloat16" if device == "cuda" else "float32")
@@ -64,3 +64,9 @@ def test_make_sync_needs_a_backend():
     cfg = load_config("demo")
     with pytest.raises(ValueError, match="weight-sync backend"):
         make_sync(engine_spec(cfg, model_path="/m", dtype="float32", seed=0), rank=0, run_id="t")
+
+
+def test_bf16_with_zero0_is_refused_in_the_plan_before_any_worker_starts():
+    with pytest.raises(ConfigError, match=r"^config key 'train.zero_stage': 0 with bfloat16"):
+        make_plan(load_config("demo"), "/m", "cuda", "arith")  # demo: ZeRO-0; bf16 on GPUs
+    make_plan(load_config("demo"), "/m", "cpu", "arith")  # float32 on CPU: fine

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from apo_ray import cli
 from apo_ray.config import load_config
 from apo_ray.errors import ApoRayError, ConfigError, DivergedError, StorageError, user_error
 from apo_ray.metrics import read_metrics, truncate_metrics
