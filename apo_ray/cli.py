@@ -8,6 +8,7 @@
     apo-ray export CHECKPOINT_DIR OUT                    # a training checkpoint -> HF model directory
     apo-ray configs                                      # list shipped configs
     apo-ray show-config --config demo [overrides]        # print the resolved config
+    apo-ray plan --config gsm8k_qwen2.5_7b [--gpu-gib 80] # Stage 2's per-GPU memory, by phase
 
 Heavy libraries (torch, vllm, deepspeed, ray) are imported only by the command that needs them.
 """
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("out")
     sub.add_parser("configs", help="list shipped configs")
     sub.add_parser("show-config", help="print the resolved config", add_help=False)
+    sub.add_parser("plan", help="per-GPU memory plan of Stage 2 (learner + colocated vLLM)", add_help=False)
     if argv and argv[0] in JOBS:
         return run_job(argv[0], argv[1:])
     if argv and argv[0] == "show-config":
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"apo-ray show-config: error: {e}", file=sys.stderr)
             return 2
         return 0
+    if argv and argv[0] == "plan":
+        return _memory_plan(argv[1:])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -92,6 +96,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apo-ray {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _memory_plan(argv: list[str]) -> int:
+    """`apo-ray plan --config NAME [--gpu-gib G] [--dtype D] [overrides]`: exit 0 if it fits, 1 if not, 2 on errors."""
+    p = job_parser("apo-ray plan", "per-GPU memory plan of Stage 2: learner + colocated vLLM, by phase")
+    p.add_argument("--gpu-gib", type=float, default=None, help="GPU memory (default resources.gpu_memory_gib, else 80)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="learner weights (GPU: bf16)")
+    args = p.parse_intermixed_args(argv)
+    try:
+        from apo_ray.config import load_config
+        from apo_ray.memory import plan_memory, shape_of
+        from apo_ray.model import resolve_model
+
+        cfg = load_config(args.config, args.overrides)
+        gpu = args.gpu_gib or cfg.resources.gpu_memory_gib or 80.0
+        plan = plan_memory(cfg, shape_of(resolve_model(cfg.model.path)), gpu, args.dtype)
+    except ApoRayError as e:
+        print(f"apo-ray plan: error: {e}", file=sys.stderr)
+        return 2
+    print(plan.table())
+    return 0 if plan.fits else 1
 
 
 def _tool(args: argparse.Namespace) -> None:

@@ -161,6 +161,9 @@ class TrainConfig:
     # Learners and placement
     num_learners: int = 1
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage
+    # Recompute each layer's activations in the backward instead of keeping them (HF models):
+    # ~30 % more compute, activations of all layers but one drop to their inputs (apo_ray.memory).
+    gradient_checkpointing: bool = False
     placement: Literal["colocate", "separate"] = "colocate"
     sleep_between_phases: bool = True  # GPU only: vLLM sleep/wake around training
     # Checkpoints, eval, loggers
@@ -197,6 +200,9 @@ class ResourcesConfig:
     # idle in turn, so this may exceed the physical cores.
     num_cpus: Optional[int] = None
     cpus_per_actor: float = 1.0
+    # Memory of one GPU in GiB, for the Stage 2 memory check (apo_ray.memory); None: measured
+    # at start-up by a one-GPU Ray task.
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass

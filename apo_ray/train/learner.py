@@ -229,6 +229,8 @@ class Learner:
         self.gas = seqs_per_optimizer_step // (world_size * micro)
 
         policy = _load_hf_model(model_path)
+        if cfg.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(
             model=policy,
             model_parameters=[p for p in policy.parameters() if p.requires_grad],

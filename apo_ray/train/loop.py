@@ -27,6 +27,7 @@ from pathlib import Path
 from apo_ray.config import Config, save_config, to_dict
 from apo_ray.errors import ConfigError, DivergedError
 from apo_ray.launch import check_tensor_parallel
+from apo_ray.memory import check_fits as check_memory
 from apo_ray.model import check_model, resolve_model
 from apo_ray.runtime import check_fits, init_ray, resolve_device, versions
 from apo_ray.storage import check_writable, get_fs, strict_json
@@ -60,6 +61,9 @@ def run(cfg: Config) -> dict:
         check_resources(cfg, resolve_device(cfg.resources))
     device = resolve_device(cfg.resources)
     plan = make_plan(cfg, model_path, device, reward)
+    if device == "cuda":  # refuse what cannot fit, before any model loads
+        gpu_gib = cfg.resources.gpu_memory_gib or _gpu_gib()
+        log.info("memory plan:\n%s", check_memory(cfg, model_path, gpu_gib, plan.dtype).table())
     save_config(cfg, out)  # the maths keys equal the saved ones (check_resume), so this is the config in use
     (out / ERROR_FILE).unlink(missing_ok=True)
     log.info(
@@ -144,6 +148,19 @@ def check_resources(cfg: Config, device: str) -> None:
         f"{t.num_learners} learner(s) with their rollout replicas (lower it or resources.cpus_per_actor, "
         "or raise resources.num_cpus)",
     )
+
+
+def _gpu_gib() -> float:
+    """Memory of one of the cluster's GPUs (a one-GPU Ray task asks torch)."""
+    import ray
+
+    @ray.remote(num_gpus=1)
+    def total() -> float:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    return ray.get(total.remote())
 
 
 def _eval_rows(cfg: Config) -> list[dict]:

@@ -365,3 +365,28 @@ def test_bf16_with_zero0_is_refused(dist_group, model_dir):
 
     with pytest.raises(ConfigError, match="train.zero_stage': 0 with bfloat16"):
         _bf16_learner(model_dir, seqs=4, micro_batch_size=4, zero_stage=0)
+
+
+def test_memory_planner_resident_state_matches_the_real_learner(dist_group, model_dir):
+    """apo_ray.memory's resident-state formulas against the tensors of the real DeepSpeed learner
+    (CPU, fp32, ZeRO-0, one rank) after one optimizer step: weights, reference, Adam moments."""
+    from apo_ray.config import load_config
+    from apo_ray.memory import learner_bytes, shape_of
+
+    learner = _learner(model_dir, seqs=4)
+    learner.train_minibatch(_batch(4, seed=5), algo="astar_po", normalizer_seqs=4)
+
+    def nbytes(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    module = learner.engine.module
+    state = learner.engine.optimizer.state.values()
+    measured = {
+        "weights": nbytes(module.parameters()),
+        "reference": nbytes(learner.ref.parameters()),
+        "adam_moments": nbytes(v for st in state for v in st.values() if torch.is_tensor(v) and v.dim()),
+    }
+    cfg = load_config("demo", ["train.zero_stage=0", "train.micro_batch_size=2"])
+    planned = learner_bytes(shape_of(model_dir), cfg, "float32")
+    for key, value in measured.items():
+        assert planned[key] == pytest.approx(value, rel=0.01), (key, planned[key], value)

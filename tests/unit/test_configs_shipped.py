@@ -104,7 +104,17 @@ def test_paper_config_resources_for_4_h100(name):
     assert t.num_learners == 4 and t.placement == "colocate"
     assert t.zero_stage == (3 if name.endswith("7b") else 2)
     assert (cfg.vstar.min_actors, cfg.vstar.max_actors) == (1, 4)
-    assert cfg.engine.gpu_memory_utilization == 0.45 and cfg.engine.tensor_parallel_size == 1
+    assert cfg.engine.gpu_memory_utilization == (0.35 if name.endswith("7b") else 0.45)
+    assert cfg.engine.tensor_parallel_size == 1
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_fits_an_80gb_gpu_by_the_memory_planner(name):
+    from apo_ray.memory import plan_memory, shape_of
+
+    cfg = load_config(name)
+    plan = plan_memory(cfg, shape_of(cfg.model.path), gpu_gib=80.0, dtype="bfloat16")
+    assert plan.fits and plan.peak_gib < 0.9 * 80, plan.table()
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
