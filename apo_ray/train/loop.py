@@ -26,7 +26,7 @@ from pathlib import Path
 
 from apo_ray.config import Config, save_config, to_dict
 from apo_ray.errors import ConfigError, DivergedError
-from apo_ray.launch import check_tensor_parallel
+from apo_ray.launch import check_tensor_parallel, colocated_worker_resources
 from apo_ray.memory import check_fits as check_memory
 from apo_ray.model import check_model, resolve_model
 from apo_ray.runtime import check_fits, init_ray, resolve_device, versions
@@ -89,7 +89,7 @@ def run(cfg: Config) -> dict:
         scaling_config=ScalingConfig(
             num_workers=plan.world_size,
             use_gpu=device == "cuda",
-            resources_per_worker={"CPU": cfg.resources.cpus_per_actor} if device == "cpu" else None,
+            resources_per_worker=colocated_worker_resources(device, cfg.train.placement, cfg.resources.cpus_per_actor),
         ),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -138,10 +138,11 @@ def _check_output_dir(uri: str) -> Path:
 def check_resources(cfg: Config, device: str) -> None:
     """Each learner and its rollout replica must fit on this (fixed-size) Ray."""
     t = cfg.train
-    need = {"CPU": 2 * t.num_learners * cfg.resources.cpus_per_actor}  # a learner and its replica each
-    if device == "cuda":
-        gpus = t.num_learners * (1 + (cfg.engine.tensor_parallel_size if t.placement == "separate" else 0))
-        need = {"CPU": 2.0 * t.num_learners, "GPU": float(gpus)}
+    per_worker = colocated_worker_resources(device, t.placement, cfg.resources.cpus_per_actor)
+    need = {k: v * t.num_learners for k, v in per_worker.items()}  # each learner with its replica
+    if device == "cuda" and t.placement == "separate":
+        need["GPU"] += t.num_learners * cfg.engine.tensor_parallel_size
+        need["CPU"] += t.num_learners
     check_fits(
         need,
         "train.num_learners",

@@ -70,3 +70,13 @@ def test_bf16_with_zero0_is_refused_in_the_plan_before_any_worker_starts():
     with pytest.raises(ConfigError, match=r"^config key 'train.zero_stage': 0 with bfloat16"):
         make_plan(load_config("demo"), "/m", "cuda", "arith")  # demo: ZeRO-0; bf16 on GPUs
     make_plan(load_config("demo"), "/m", "cpu", "arith")  # float32 on CPU: fine
+
+
+def test_a_learner_worker_reserves_its_colocated_replica_too():
+    from apo_ray.launch import colocated_worker_resources
+
+    # The replica asks Ray for nothing (it cannot wait for CPUs its learner's node lacks):
+    # its learner's worker holds them.
+    assert colocated_worker_resources("cpu", "colocate", 1.0) == {"CPU": 2.0}
+    assert colocated_worker_resources("cuda", "colocate", 2.0) == {"CPU": 3.0, "GPU": 1.0}
+    assert colocated_worker_resources("cuda", "separate", 2.0) == {"CPU": 1.0, "GPU": 1.0}
