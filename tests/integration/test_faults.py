@@ -29,9 +29,12 @@ pytestmark = pytest.mark.integration
 
 
 def _alive_actor_pids(class_part: str) -> list[int]:
-    from ray.util.state import list_actors
+    """Pids of live actors whose class name contains `class_part`, newest first (from the GCS actor
+    table: the tests' embedded Ray runs without the dashboard that ray.util.state needs)."""
+    from ray._private.state import actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if class_part in a.class_name]
+    alive = [a for a in actors(actor_state_name="ALIVE").values() if class_part in a["ActorClassName"]]
+    return [a["Pid"] for a in sorted(alive, key=lambda a: a["StartTime"], reverse=True) if a["Pid"]]
 
 
 class Killer(threading.Thread):
