@@ -313,8 +313,6 @@ def generate(ctx: StepContext, step: int) -> tuple[list[dict], list]:
     """Phase 1: the replica samples plan.group completions per prompt of this rank's share."""
     import ray
 
-    from apo_ray.train.dist import any_rank
-
     s, plan = ctx.cfg.sampling, ctx.plan
     rows = step_rows(ctx, step)
     request = dict(
@@ -331,17 +329,29 @@ def generate(ctx: StepContext, step: int) -> tuple[list[dict], list]:
     except ray.exceptions.RayActorError as e:
         log.warning("rank %d, step %d: the rollout replica died (%s); restarting it", ctx.rank, step, e)
         results, died = None, True
-    if any_rank(died):  # every rank takes part: under ZeRO-3 the weight gather is a collective
-        if died:
-            start_replica(ctx)
-        weights = ctx.learner.named_weights()
-        if died:  # the new replica gets the current weights before it samples
-            ctx.sync.push(weights, ctx.engine)
-            results = _call(ctx.engine, "generate", prompts, **request)
-        else:
-            for _ in weights:
-                pass
+    if resync_if_died(ctx, died):  # the new replica has the current weights: sample again
+        results = _call(ctx.engine, "generate", prompts, **request)
     return rows, results
+
+
+def resync_if_died(ctx: StepContext, died: bool) -> bool:
+    """If any rank's replica died: restart the dead ones and push them the current weights.
+
+    Every rank takes part (under ZeRO-3 the weight gather is a collective); ranks whose
+    replica lives only drain the gather. Returns whether this rank's replica was restarted.
+    """
+    from apo_ray.train.dist import any_rank
+
+    if not any_rank(died):
+        return False
+    if died:
+        start_replica(ctx)
+    weights = ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
+    if died:
+        ctx.sync.push(weights, ctx.engine)
+    for _ in weights:  # drain: a no-op after a push, the collective gathers otherwise
+        pass
+    return died
 
 
 def score(ctx: StepContext, rows: list[dict], results: list) -> Rollout:
@@ -399,41 +409,51 @@ def sync(ctx: StepContext) -> None:
 
     A replica that slept through the update wakes in two parts around the push (the learner's
     cached blocks freed first): its weights, then its KV cache, so the peak holds the learner,
-    vLLM's weights and one sync bucket, never the KV cache too. A rank whose push fails drains
-    the weight iterator (the ZeRO-3 gathers are collectives) and every rank then stops together.
+    vLLM's weights and one sync bucket, never the KV cache too. A replica that died is restarted
+    and given the weights (`resync_if_died`). A rank whose push fails otherwise drains the weight
+    iterator (the ZeRO-3 gathers are collectives) and every rank then stops together.
     """
+    import ray
+
     from apo_ray.train.dist import any_rank
 
+    died, failed = False, None
     if ctx.plan.sleep_engine:
         ctx.learner.free_cache()
-        _call(ctx.engine, "wake_up", tags=["weights"])
+        try:
+            _call(ctx.engine, "wake_up", tags=["weights"])
+        except ray.exceptions.RayActorError:
+            died = True
     weights = ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
-    failed: BaseException | None = None
     try:
-        ctx.sync.push(weights, ctx.engine)
+        if not died:
+            ctx.sync.push(weights, ctx.engine)
+    except ray.exceptions.RayActorError as e:
+        log.warning("rank %d: the rollout replica died during the weight sync (%s); restarting it", ctx.rank, e)
+        died = True
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
         failed = e
-        for _ in weights:
-            pass
+    for _ in weights:  # drain: a no-op after a complete push, the collective gathers otherwise
+        pass
     if any_rank(failed is not None):
         if failed is not None:
             raise failed
         raise RuntimeError(f"rank {ctx.rank}: weight sync failed on another rank; stopping with it")
-    if ctx.plan.sleep_engine:
+    if not resync_if_died(ctx, died) and ctx.plan.sleep_engine:
         _call(ctx.engine, "wake_up", tags=["kv_cache"])
 
 
 def quick_eval(ctx: StepContext) -> dict:
     """Greedy accuracy of the current policy on the held-out set, on the (already synced) replica."""
+    import ray
+
     t0 = time.perf_counter()
     rows = ctx.eval_rows
-    results = _call(
-        ctx.engine,
-        "generate",
-        [r["prompt"] for r in rows],
-        n=1,
-        temperature=0.0,
-        max_tokens=ctx.cfg.sampling.max_tokens,
-    )
+    prompts = [r["prompt"] for r in rows]
+    try:
+        results = _call(ctx.engine, "generate", prompts, n=1, temperature=0.0, max_tokens=ctx.cfg.sampling.max_tokens)
+    except ray.exceptions.RayActorError as e:  # the next step's generate restarts it (with every rank)
+        log.warning("in-training eval skipped: the rollout replica died (%s)", e)
+        return {"eval_accuracy": None, "eval_s": time.perf_counter() - t0}
     correct = sum(ctx.scorer(res.completions[0].text, row["answer"], where="eval") for row, res in zip(rows, results))
     return {"eval_accuracy": correct / max(len(rows), 1), "eval_s": time.perf_counter() - t0}
