@@ -52,6 +52,13 @@ from apo_ray.storage import (
 log = logging.getLogger("apo_ray.vstar")
 
 
+def call_seed(seed: int, shard: int, shard_size: int, chunk_start: int, n: int) -> int:
+    """The seed of one engine call: prompt `chunk_start + i` of shard `shard` gets its N samples the
+    seeds ``seed + k * n + j`` (k its position in the whole set; the engine adds ``i * n + j``), so
+    no two samples of a Stage 1 run share a random stream, across prompts, chunks and shards."""
+    return seed + (shard * shard_size + chunk_start) * n
+
+
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
 
@@ -127,9 +134,7 @@ class ShardSampler:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_tokens,
-                # Prompt k of the whole set gets seed + k * n and its samples seed + k * n + j (the
-                # engine adds i * n + j within the call): distinct streams across prompts and shards.
-                seed=s.seed + (shard * cfg.vstar.shard_size + c0) * n,
+                seed=call_seed(s.seed, shard, cfg.vstar.shard_size, c0, n),
             )
             for j, res in zip(chunk, results):
                 tokens += sum(len(c.token_ids) for c in res.completions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,26 @@ def test_nan_vstar_is_refused_before_training(ray_session, tiny_model_dir, vstar
     with pytest.raises(DataError, match=rf"V\* of prompt .* in {bad}/{shard.name} is nan"):
         train.run(train_config(tiny_model_dir, bad, out))
     assert not (out / "final").exists()
+
+
+def test_divergence_stops_the_run_at_the_step_and_keeps_the_last_good_checkpoint(
+    ray_session, tiny_model_dir, vstar_dir, tmp_path
+):
+    """An absurd learning rate blows the weights up: the run stops with a one-line DivergedError
+    naming the step, writes no final model, and its last checkpoint is from before the blow-up."""
+    from apo_ray import train
+    from apo_ray.errors import DivergedError
+    from apo_ray.train.checkpoint import find_checkpoints
+
+    out = tmp_path / "t"
+    cfg = train_config(
+        tiny_model_dir, vstar_dir, out, "train.num_steps=30", "train.save_every=1", "train.lr=1e30", "train.grad_clip=0"
+    )
+    with pytest.raises(DivergedError, match=r"^training diverged at step (\d+)") as e:
+        train.run(cfg)
+    step = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    assert "\n" not in str(e.value) and not (out / "final").exists()
+    saved = [int(p.name[5:]) for p in find_checkpoints(out)]
+    assert saved and max(saved) < step  # the diverged step (and anything after) was never checkpointed
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows if r["step"] < step)

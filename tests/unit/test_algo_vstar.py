@@ -98,3 +98,19 @@ def test_bad_shapes(rewards: list) -> None:
         vstar(rewards, 0.5)
     with pytest.raises(ValueError):
         vstar(torch.tensor(rewards), 0.5)
+
+
+def test_stage1_sample_seeds_are_distinct_across_prompts_chunks_and_shards():
+    from apo_ray.vstar.pipeline import call_seed
+
+    n, shard_size, batch, shards = 8, 128, 48, 5
+    seeds = []
+    for shard in range(shards):
+        for c0 in range(0, shard_size, batch):
+            base = call_seed(3, shard, shard_size, c0, n)
+            calls = min(batch, shard_size - c0)
+            seeds += [base + i * n + j for i in range(calls) for j in range(n)]  # the engine's convention
+    assert len(seeds) == len(set(seeds)) == shards * shard_size * n
+    # The bug this replaces (seed + shard * shard_size + c0, demo shard_size 128): shard 1's first
+    # prompt got seed 128, the stream of shard 0's prompt 16 (16 * n = 128).
+    assert call_seed(0, 1, 128, 0, n) == 128 * n != call_seed(0, 0, 128, 0, n) + 16 * n

@@ -294,3 +294,19 @@ def test_write_error_is_a_storage_error(tmp_path):
     with pytest.raises(StorageError, match="cannot write"):
         fs_write_bytes(fs, f"{root}/no/such/dir/file", b"x")
     assert isinstance(StorageError("x"), ApoRayError)
+
+
+# ---------------------------------------------------------------- divergence stops the run
+
+
+def test_non_finite_step_stops_with_the_step_and_writes_the_reason(tmp_path):
+    from apo_ray.train.recipe import ERROR_FILE, check_finite
+
+    check_finite(3, {"loss": 0.5, "kl": 0.1, "grad_norm": 2.0}, tmp_path)
+    check_finite(3, {"loss": 0.5, "kl": 0.1, "grad_norm": float("nan")}, tmp_path)  # no norm reported
+    assert not (tmp_path / ERROR_FILE).exists()
+    for bad in ({"loss": float("nan"), "kl": 0.1}, {"loss": 0.5, "kl": 0.1, "grad_norm": float("inf")}):
+        with pytest.raises(DivergedError, match=r"^training diverged at step 7: non-finite"):
+            check_finite(7, {"grad_norm": 1.0, **bad}, tmp_path)
+    saved = json.loads((tmp_path / ERROR_FILE).read_text())
+    assert "step 7" in saved["error"] and "Lower train.lr" in saved["error"]
