@@ -150,7 +150,7 @@ def resume(ctx: StepContext) -> tuple[int, float]:
         with ckpt.as_directory() as d:
             state = ctx.learner.load_checkpoint(d)
         restore_rng(state.get("rng"))
-        ctx.sync.push(ctx.learner.named_weights(), ctx.engine)  # the replica starts from the reference weights
+        ctx.sync.push(engine_weights(ctx), ctx.engine)  # the replica starts from the reference weights
         step, time_s = int(state["step"]), float(state.get("time_s", 0.0))
         log.info("rank %d: resumed from step %d (%s)", ctx.rank, step, ckpt.path)
     if ctx.rank == 0:  # the steps after the checkpoint are redone: their old rows go
@@ -292,6 +292,12 @@ def one_step(ctx: StepContext, step: int) -> dict:
     return metrics
 
 
+def engine_weights(ctx: StepContext):
+    """The learner's weights as the replica takes them: device tensors for the GPU backends (no
+    GPU -> CPU -> GPU copy), CPU copies for the file-based one; no tied lm_head (vLLM ties it)."""
+    return ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
+
+
 def _call(actor: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     import ray
 
@@ -346,7 +352,7 @@ def resync_if_died(ctx: StepContext, died: bool) -> bool:
         return False
     if died:
         start_replica(ctx)
-    weights = ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
+    weights = engine_weights(ctx)
     if died:
         ctx.sync.push(weights, ctx.engine)
     for _ in weights:  # drain: a no-op after a push, the collective gathers otherwise
@@ -424,7 +430,7 @@ def sync(ctx: StepContext) -> None:
             _call(ctx.engine, "wake_up", tags=["weights"])
         except ray.exceptions.RayActorError:
             died = True
-    weights = ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
+    weights = engine_weights(ctx)
     try:
         if not died:
             ctx.sync.push(weights, ctx.engine)
