@@ -347,7 +347,11 @@ def bench_load(config: str, overrides: list[str]) -> dict:
     import json
     import subprocess
 
-    base = load_config(config, overrides).data.arith.num_train
+    from apo_ray.model import resolve_model
+
+    cfg = load_config(config, overrides)
+    resolve_model(cfg.model.path)  # build the tiny model now, so that no timed run includes it
+    base = cfg.data.arith.num_train
     rows = []
     for k in LOAD_SCALES:
         extra = [
