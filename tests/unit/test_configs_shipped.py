@@ -164,6 +164,11 @@ def test_autoscaler_yaml_gpu_pool_scales_from_zero(path):
     assert config["available_node_types"][head]["resources"] == {"CPU": 0}
     assert config["docker"]["image"] == f"rayproject/ray:{_ray_pin()}-py311-gpu"
     assert any("[gpu]" in c for c in config["setup_commands"])
+    # torch for CUDA 13.0 before the project (vLLM 0.32's CUDA build runs on torch 2.13.0 + CUDA 13)
+    torch_at = next(i for i, c in enumerate(config["setup_commands"]) if "torch==2.13.0" in c)
+    assert "download.pytorch.org/whl/cu130" in config["setup_commands"][torch_at]
+    assert torch_at < next(i for i, c in enumerate(config["setup_commands"]) if "[gpu]" in c)
+    assert any("driver_version" in c and "< 580" in c for c in config["worker_setup_commands"])
 
 
 def test_kuberay_documents_are_ray_v1_and_pin_the_same_ray():
@@ -206,6 +211,7 @@ def test_dockerfile_uses_the_pinned_ray_image():
     text = (CLUSTER / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{_ray_pin()}-py311-gpu" in text
     assert '".[gpu]"' in text
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" in text
 
 
 # ---------------------------------------------------------------- Grafana
