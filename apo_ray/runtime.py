@@ -20,7 +20,23 @@ _WORKER_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-_PASSED_THROUGH = ("APO_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI")
+_PASSED_THROUGH = (
+    "APO_RAY_CACHE",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "WANDB_API_KEY",
+    "MLFLOW_TRACKING_URI",
+    # Object storage for s3:// / gs:// outputs, given as for any S3 client (MinIO, a cloud bucket):
+    # the endpoint and credentials of the driver reach every actor and worker.
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
