@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,3 +391,62 @@ def test_memory_planner_resident_state_matches_the_real_learner(dist_group, mode
     planned = learner_bytes(shape_of(model_dir), cfg, "float32")
     for key, value in measured.items():
         assert planned[key] == pytest.approx(value, rel=0.01), (key, planned[key], value)
+
+
+# ---------------------------------------------------------------- weights for the engine; a failed sync
+
+
+def test_engine_weights_are_device_tensors_without_copy_and_without_a_tied_head(dist_group, tmp_path):
+    from apo_ray.gpu_check import build_random_model
+    from apo_ray.memory import ModelShape
+    from apo_ray.train.learner import Learner
+
+    tied = build_random_model(ModelShape(128, 2, 256, 300, 2, 1, True), tmp_path / "tied")
+    learner = Learner(tied, _cfg(micro_batch_size=2), world_size=1, rank=0, seqs_per_optimizer_step=2)
+    params = dict(learner.engine.module.named_parameters())
+    live = dict(learner.named_weights(on_device=True, skip_tied=True))
+    assert "lm_head.weight" not in live and "model.embed_tokens.weight" in live  # vLLM ties it itself
+    for name, t in live.items():
+        if name in params:  # ZeRO 0-2: the parameters themselves, no copy
+            assert t.data_ptr() == params[name].data_ptr(), name
+    copies = dict(learner.named_weights())  # checkpoints / save_hf: CPU copies of every key
+    assert "lm_head.weight" in copies
+    assert copies["model.norm.weight"].data_ptr() != params["model.norm.weight"].data_ptr()
+
+
+def _sync_failure_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
+    """Rank 1's push fails part-way through a ZeRO-3 gather; rank 0's succeeds. Both must stop."""
+    import types
+
+    _init_group(rank, 2, port)
+    from apo_ray.train.learner import Learner
+    from apo_ray.train.recipe import sync
+
+    class Push:
+        def push(self, weights, engine):
+            for i, _ in enumerate(weights):
+                if rank == 1 and i == 3:
+                    raise OSError("engine call failed")
+
+    learner = Learner(
+        model_dir, _cfg(micro_batch_size=2, zero_stage=3), world_size=2, rank=rank, seqs_per_optimizer_step=4
+    )
+    plan = types.SimpleNamespace(sleep_engine=False, sync_backend="shm")
+    ctx = types.SimpleNamespace(learner=learner, plan=plan, sync=Push(), engine=None, rank=rank)
+    try:
+        sync(ctx)
+        outcome = "returned"
+    except Exception as e:  # noqa: BLE001 - the outcome is the test's subject
+        outcome = f"{type(e).__name__}: {e}"
+    Path(out_dir, f"rank{rank}").write_text(outcome)
+
+
+def test_a_failed_weight_sync_on_one_rank_stops_every_rank_promptly(dist_group, model_dir, tmp_path):
+    ctx = torch.multiprocessing.spawn(
+        _sync_failure_worker, args=(_free_port(), model_dir, str(tmp_path)), nprocs=2, join=False
+    )
+    deadline = time.time() + 180
+    while not ctx.join(timeout=5):
+        assert time.time() < deadline, "a rank is still waiting in the ZeRO-3 gather"
+    assert (tmp_path / "rank1").read_text() == "OSError: engine call failed"
+    assert (tmp_path / "rank0").read_text().startswith("RuntimeError: rank 0: weight sync failed on another rank")
