@@ -140,7 +140,11 @@ class TrainConfig:
 
     algo: Literal["astar_po", "grpo"] = "astar_po"
     vstar_dir: str = "runs/vstar"
+    # A local path or a bucket URI (s3://, gs://): checkpoints, metrics.jsonl, tensorboard/, final/.
     output_dir: str = "runs/train"
+    # true: train.output_dir is a local path that every node mounts (NFS, EFS, Lustre). Learners on
+    # more than one node refuse a local train.output_dir without it (each would write its own copy).
+    shared_output_dir: bool = False
     num_steps: int = 100
     # Stop early once this many seconds of training have elapsed (None: no limit); the
     # A*-PO vs GRPO comparison gives both the same wall-clock budget this way.

@@ -45,7 +45,13 @@ def user_error(exc: BaseException) -> ApoRayError | None:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        # Ray Train's WorkerGroupError keeps each rank's exception (the lowest rank first)
+        for _, failed in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+            found = user_error(failed)
+            if found is not None:
+                return found
         inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        inner = inner if inner is not None else getattr(exc, "controller_failure", None)  # Ray Train's ControllerError
         if isinstance(inner, BaseException) and id(inner) not in seen:
             exc = inner
             continue

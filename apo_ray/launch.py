@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apo_ray.config import Config
-from apo_ray.errors import ConfigError
+from apo_ray.errors import ApoRayError, ConfigError
 
 log = logging.getLogger("apo_ray.launch")
 
@@ -164,6 +164,9 @@ def fan_out(
     """
     import ray
 
+    # Work starts once min_actors engines are up (so a multi-node pool shares it from the first
+    # item), and a pool that cannot get them within engine.start_timeout_s fails instead of waiting.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = max(1, int(cfg.engine.start_timeout_s))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     results = ds.map_batches(
         worker_cls,
@@ -175,7 +178,19 @@ def fan_out(
     )
     done = tokens = 0
     t0 = last = time.time()
-    for row in results.iter_rows():
+    rows = results.iter_rows()
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except ray.exceptions.GetTimeoutError:
+            each = engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor)
+            raise ApoRayError(
+                f"{label}: {min_actors} engine actor(s) of {each} did not start within "
+                f"engine.start_timeout_s={cfg.engine.start_timeout_s:g} s; the cluster cannot hold them"
+                " (lower the pool's min_actors or resources.cpus_per_actor, or add nodes)"
+            ) from None
         prompts, toks = count(row)
         done, tokens = done + prompts, tokens + toks
         now = time.time()

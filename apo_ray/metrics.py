@@ -112,8 +112,13 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a metrics.jsonl; a resumed run's rows replace the ones it redid (last write wins per step)."""
+    return parse_metrics(Path(path).read_text())
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """Rows of metrics.jsonl text, one per step (last write wins)."""
     rows: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             r = json.loads(line)
             rows[r["step"]] = r

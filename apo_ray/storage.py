@@ -41,6 +41,14 @@ def get_fs(uri: str):
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def open_output(uri: str, key: str):
+    """`get_fs` for the output named by config key `key`: a URI pyarrow cannot open is a ConfigError naming it."""
+    try:
+        return get_fs(uri)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config key '{key}': cannot open {uri!r}: {e}") from None
+
+
 def fs_exists(fs, path: str) -> bool:
     import pyarrow.fs as pafs
 

@@ -22,7 +22,7 @@ from apo_ray.launch import check_pool_fits, engine_spec, fan_out, pool_item
 from apo_ray.model import check_model, resolve_eval_model, same_model
 from apo_ray.rewards import checked_reward
 from apo_ray.runtime import init_ray, resolve_device, resolve_dtype, versions, worker_env
-from apo_ray.storage import check_writable, fs_write_json, get_fs
+from apo_ray.storage import check_writable, fs_write_json, open_output
 
 log = logging.getLogger("apo_ray.evaluation")
 
@@ -160,7 +160,7 @@ def run(cfg: Config) -> dict:
     """Evaluate eval.model_path (else model.path) on the eval prompts; writes eval.output_dir/report.json."""
     from apo_ray.data import load_prompts
 
-    fs, out = get_fs(cfg.eval.output_dir)
+    fs, out = open_output(cfg.eval.output_dir, "eval.output_dir")
     check_writable(fs, out, "eval.output_dir")  # fail before any actor starts
     key = "eval.model_path" if cfg.eval.model_path else "model.path"
     model = resolve_eval_model(cfg.eval.model_path or cfg.model.path, key=key)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray.errors import ApoRayError
+from apo_ray.storage import fs_exists, fs_write_bytes
+from apo_ray.train.output import RunDir
 
 RUN_NAME = "ray"  # Ray Train run name: checkpoints live in train.output_dir/ray/step_NNNNNN
 COMPLETE = ".apo_complete"
@@ -36,14 +38,13 @@ def step_of(path: str | Path) -> int:
     return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
 
-def is_complete(path: str | Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
+def find_checkpoints(out: RunDir) -> list[str]:
+    """Complete checkpoint directories of a Stage 2 run (paths in `out.fs`), oldest first."""
+    import pyarrow.fs as pafs
 
-
-def find_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a Stage 2 run, oldest first."""
-    found = [p for p in (Path(output_dir) / RUN_NAME).glob("step_*") if step_of(p) >= 0 and is_complete(p)]
-    return sorted(found, key=step_of)
+    listing = out.fs.get_file_info(pafs.FileSelector(out.join(RUN_NAME), allow_not_found=True))
+    steps = [i.path for i in listing if i.type == pafs.FileType.Directory and step_of(i.path) >= 0]
+    return sorted((p for p in steps if fs_exists(out.fs, f"{p}/{COMPLETE}")), key=step_of)
 
 
 # ---------------------------------------------------------------- before a run: may it resume here?
@@ -96,12 +97,12 @@ def _lookup(d: dict, key: str) -> Any:
     return d
 
 
-def check_resume(cfg_dict: dict, out: Path, mode: str) -> int:
+def check_resume(cfg_dict: dict, out: RunDir, mode: str) -> int:
     """Whether a run with config `cfg_dict` may start in `out`; returns the step it resumes from (0: fresh).
 
     Args:
         cfg_dict: the run's resolved config (`config.to_dict`).
-        out: train.output_dir (local).
+        out: train.output_dir.
         mode: train.resume: "auto" | "must" | "never".
 
     Raises:
@@ -121,11 +122,10 @@ def check_resume(cfg_dict: dict, out: Path, mode: str) -> int:
         )
     if mode == "must" and not found:
         raise ConfigError(f"config key 'train.resume': must, but train.output_dir {str(out)!r} holds no checkpoint")
-    saved = out / "config.yaml"
-    if not found or not saved.is_file():
+    if not found or not out.exists("config.yaml"):
         return step
     try:
-        old = OmegaConf.to_container(OmegaConf.load(saved))
+        old = OmegaConf.to_container(OmegaConf.create(out.read_text("config.yaml")))
     except Exception as e:  # noqa: BLE001 - an unreadable saved config cannot vouch for the checkpoints
         raise ConfigError(
             f"train.output_dir {str(out)!r}: its config.yaml cannot be read ({e}); use another directory"
@@ -147,8 +147,11 @@ def check_resume(cfg_dict: dict, out: Path, mode: str) -> int:
 # ---------------------------------------------------------------- inside the Ray Train workers
 
 
-def save(learner: Any, out: Path, step: int, time_s: float, metrics: dict) -> None:
-    """Checkpoint step `step` through Ray Train (a collective: every rank calls it), then mark it complete."""
+def save(learner: Any, out: RunDir, step: int, time_s: float, metrics: dict) -> None:
+    """Checkpoint step `step` through Ray Train (a collective: every rank calls it), then mark it complete.
+
+    Rank 0 also publishes metrics.jsonl and tensorboard/ with it (a bucket run directory).
+    """
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -158,12 +161,13 @@ def save(learner: Any, out: Path, step: int, time_s: float, metrics: dict) -> No
         learner.save_checkpoint(d, {"step": step, "time_s": time_s, "rng": rng_state()})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
     torch.distributed.barrier()  # every rank's upload is done
-    stored = out / RUN_NAME / name
-    if torch.distributed.get_rank() == 0 and stored.is_dir():
-        (stored / COMPLETE).touch()
+    stored = out.join(RUN_NAME, name)
+    if torch.distributed.get_rank() == 0 and fs_exists(out.fs, stored):
+        out.publish("metrics.jsonl", "tensorboard")
+        fs_write_bytes(out.fs, f"{stored}/{COMPLETE}", b"")
 
 
-def resume_from(out: Path):
+def resume_from(out: RunDir):
     """The checkpoint to resume from (a ray.train.Checkpoint), or None on a fresh run."""
     import ray.train
     from ray.train import Checkpoint
@@ -172,7 +176,7 @@ def resume_from(out: Path):
     best = step_of(ckpt.path) if ckpt is not None else -1
     stored = find_checkpoints(out)
     if stored and step_of(stored[-1]) > best:
-        ckpt = Checkpoint.from_directory(str(stored[-1]))
+        ckpt = Checkpoint(stored[-1], filesystem=out.fs)
     return ckpt
 
 
@@ -210,7 +214,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if (p / "hf" / "config.json").exists():
         return p
-    found = [c for c in find_checkpoints(p) if (c / "hf" / "config.json").exists()]
+    found = [Path(c) for c in find_checkpoints(RunDir(str(p))) if (Path(c) / "hf" / "config.json").exists()]
     if found:
         return found[-1]
     raise ApoRayError(

@@ -9,11 +9,10 @@ Ray Train worker is one DeepSpeed data-parallel learner and owns one vLLM rollou
 (`apo_ray.launch.start_rollout_replica`: colocated on the worker's node, and on GPUs its
 device); the step itself, generate -> score -> update -> sync, is `train.recipe`.
 
-Outputs in train.output_dir: config.yaml, metrics.jsonl, tensorboard/, ray/ (Ray Train
-checkpoints, see `train.checkpoint`), final/ (HF model), summary.json.
-Re-running the same command continues from the last checkpoint. metrics.jsonl and
-final/ are written by rank 0: on a multi-node cluster, point train.output_dir at a
-shared filesystem.
+Outputs in train.output_dir (a local path or a bucket URI, `train.output`): config.yaml,
+metrics.jsonl, tensorboard/, ray/ (Ray Train checkpoints, see `train.checkpoint`), final/
+(HF model), summary.json. Re-running the same command continues from the last checkpoint.
+Learners on more than one node need a bucket URI or a shared mount (`train.output.check_shared`).
 """
 
 from __future__ import annotations
@@ -22,16 +21,16 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-from apo_ray.config import Config, save_config, to_dict
-from apo_ray.errors import ConfigError, DivergedError
+from apo_ray.config import Config, to_dict, to_yaml
+from apo_ray.errors import DivergedError
 from apo_ray.launch import check_tensor_parallel, colocated_worker_resources
 from apo_ray.memory import check_fits as check_memory
 from apo_ray.model import check_model, resolve_model
 from apo_ray.runtime import check_fits, init_ray, resolve_device, versions
-from apo_ray.storage import check_writable, get_fs, strict_json
+from apo_ray.storage import check_writable, strict_json
 from apo_ray.train.checkpoint import RUN_NAME, check_resume
+from apo_ray.train.output import RunDir, mark_driver
 from apo_ray.train.plan import make_plan
 from apo_ray.train.recipe import ERROR_FILE, train_loop
 
@@ -49,7 +48,8 @@ def run(cfg: Config) -> dict:
 
     t0 = time.time()
     check_tensor_parallel(cfg)
-    out = _check_output_dir(cfg.train.output_dir)
+    out = RunDir(cfg.train.output_dir)
+    check_writable(out.fs, out.path, "train.output_dir")
     resume_step = check_resume(to_dict(cfg), out, cfg.train.resume)
     model_path = resolve_model(cfg.model.path)
     check_model(model_path, cfg)
@@ -64,8 +64,9 @@ def run(cfg: Config) -> dict:
     if device == "cuda":  # refuse what cannot fit, before any model loads
         gpu_gib = cfg.resources.gpu_memory_gib or _gpu_gib()
         log.info("memory plan:\n%s", check_memory(cfg, model_path, gpu_gib, plan.dtype).table())
-    save_config(cfg, out)  # the maths keys equal the saved ones (check_resume), so this is the config in use
-    (out / ERROR_FILE).unlink(missing_ok=True)
+    out.write_text("config.yaml", to_yaml(cfg))  # the maths keys equal the saved ones (check_resume): the config in use
+    out.delete(ERROR_FILE)
+    mark_driver(out, plan.run_token)
     log.info(
         "Stage 2 (%s): %d prompts, %d steps x %d prompts, %d learner(s) on %s, model %s%s",
         cfg.train.algo,
@@ -93,7 +94,8 @@ def run(cfg: Config) -> dict:
         ),
         run_config=RunConfig(
             name=RUN_NAME,
-            storage_path=str(out),
+            storage_path=out.path,
+            storage_filesystem=out.fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": plan.env},
@@ -102,37 +104,24 @@ def run(cfg: Config) -> dict:
     try:
         result = trainer.fit()
     except Exception:
-        error = out / ERROR_FILE
-        if error.is_file():  # the run stopped itself (recipe.raise_diverged): say why in one line
-            raise DivergedError(json.loads(error.read_text())["error"]) from None
+        if out.exists(ERROR_FILE):  # the run stopped itself (recipe.raise_diverged): say why in one line
+            raise DivergedError(json.loads(out.read_text(ERROR_FILE))["error"]) from None
         raise
-    from apo_ray.metrics import read_metrics
+    from apo_ray.metrics import parse_metrics
 
-    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    rows = parse_metrics(out.read_text("metrics.jsonl")) if out.exists("metrics.jsonl") else []
     summary = {
         "algo": cfg.train.algo,
         "steps": rows[-1]["step"] if rows else 0,
-        "final_model": str(out / "final"),
+        "final_model": out.uri_of("final"),
         "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "wall_time_s": time.time() - t0,
         "last": rows[-1] if rows else {},
         "versions": versions(),
     }
-    (out / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
+    out.write_text("summary.json", strict_json(summary, indent=2) + "\n")
     log.info("Stage 2 done: %d steps, final model in %s", summary["steps"], summary["final_model"])
     return summary
-
-
-def _check_output_dir(uri: str) -> Path:
-    """train.output_dir as a local directory that exists and is writable (Stage 2 writes with local file APIs)."""
-    if "://" in uri:
-        raise ConfigError(
-            f"config key 'train.output_dir': {uri!r} is a URI; Stage 2 writes checkpoints and the final model "
-            "with local file APIs, so give a local path (on a multi-node cluster, a shared mount such as /mnt/shared/...)"
-        )
-    fs, path = get_fs(uri)
-    check_writable(fs, path, "train.output_dir")
-    return Path(path)
 
 
 def check_resources(cfg: Config, device: str) -> None:

@@ -7,6 +7,7 @@ learner trains, the rollout engine's settings, the mini-batch shapes.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,8 @@ class Stage2Plan:
     sync_backend: str  # shm | ipc | nccl
     sleep_engine: bool  # the replica sleeps while its colocated learner trains (GPU only)
     engine: EngineSpec  # the rollout replica of rank r uses seed engine.seed + r
-    output_dir: str
+    output_dir: str  # train.output_dir: an absolute local path or a URI (`train.output.RunDir`)
+    run_token: str  # the driver's marker text in a local output_dir (`train.output.check_shared`)
     env: dict
 
 
@@ -74,6 +76,7 @@ def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stag
             enable_sleep_mode=sleep,
             weight_sync=backend,
         ),
-        output_dir=str(Path(t.output_dir).expanduser().resolve()),
+        output_dir=t.output_dir if "://" in t.output_dir else str(Path(t.output_dir).expanduser().resolve()),
+        run_token=uuid.uuid4().hex,
         env=worker_env(cfg, device),
     )

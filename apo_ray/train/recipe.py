@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray.config import Config
+from apo_ray.train.output import RunDir, check_shared
 from apo_ray.train.plan import Stage2Plan
 
 log = logging.getLogger("apo_ray.train")
@@ -87,6 +88,7 @@ def setup(config: dict) -> StepContext:
     plan: Stage2Plan = config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    check_reach(RunDir(plan.output_dir), cfg.train.shared_output_dir, plan.run_token)
     seed_everything(cfg.train.seed + rank)
     if plan.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_actor)))
@@ -121,6 +123,19 @@ def setup(config: dict) -> StepContext:
     return ctx
 
 
+def check_reach(out: RunDir, shared: bool, token: str) -> None:
+    """Every learner must reach the one run directory (`train.output.check_shared`); before any model loads."""
+    import ray
+    import torch.distributed as dist
+
+    me = ray.get_runtime_context().get_node_id()
+    nodes = [me]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        nodes = [""] * dist.get_world_size()
+        dist.all_gather_object(nodes, me)
+    check_shared(out, nodes, me, shared, token)
+
+
 def start_replica(ctx: StepContext) -> None:
     """(Re)start this rank's rollout replica and its weight sync (a new sync: NCCL groups die with the engine)."""
     from apo_ray.launch import make_sync, start_rollout_replica
@@ -143,7 +158,7 @@ def resume(ctx: StepContext) -> tuple[int, float]:
     from apo_ray.metrics import truncate_metrics
     from apo_ray.train.checkpoint import restore_rng, resume_from
 
-    out = Path(ctx.plan.output_dir)
+    out = RunDir(ctx.plan.output_dir)
     ckpt = resume_from(out)
     step, time_s = 0, 0.0
     if ckpt is not None:
@@ -154,7 +169,8 @@ def resume(ctx: StepContext) -> tuple[int, float]:
         step, time_s = int(state["step"]), float(state.get("time_s", 0.0))
         log.info("rank %d: resumed from step %d (%s)", ctx.rank, step, ckpt.path)
     if ctx.rank == 0:  # the steps after the checkpoint are redone: their old rows go
-        truncate_metrics(out / "metrics.jsonl", step)
+        out.fetch("metrics.jsonl")
+        truncate_metrics(out.local_path("metrics.jsonl"), step)
     return step, time_s
 
 
@@ -165,11 +181,11 @@ def train(ctx: StepContext, cfg_dict: dict, start_step: int, time_s: float) -> N
     from apo_ray.train import checkpoint
     from apo_ray.train.dist import any_rank
 
-    t, out = ctx.cfg.train, Path(ctx.plan.output_dir)
+    t, out = ctx.cfg.train, RunDir(ctx.plan.output_dir)
     logger = None
     if ctx.rank == 0:
         logger = MetricsLogger(
-            ctx.plan.output_dir,
+            out.local,
             tensorboard=t.tensorboard,
             wandb_project=t.wandb_project,
             mlflow_tracking_uri=t.mlflow_tracking_uri,
@@ -205,17 +221,18 @@ def train(ctx: StepContext, cfg_dict: dict, start_step: int, time_s: float) -> N
             break
 
     try:
-        ctx.learner.save_hf(str(out / "final"))
+        ctx.learner.save_hf(out.local_path("final"))
     except DivergedError as e:
         raise_diverged(out, f"the final model: {e}")
     if logger is not None:
         logger.close()
+        out.publish("final", "metrics.jsonl", "tensorboard")
 
 
 ERROR_FILE = "error.json"  # the reason a run stopped itself, for the driver's one-line message
 
 
-def check_finite(step: int, metrics: dict, out: Path) -> None:
+def check_finite(step: int, metrics: dict, out: RunDir) -> None:
     """Stop the run (every rank, same step) if the step's loss, KL or gradient norm is not finite.
 
     The step's update is not checkpointed; the last checkpoint stays the last good one.
@@ -227,18 +244,18 @@ def check_finite(step: int, metrics: dict, out: Path) -> None:
         raise_diverged(out, f"step {step}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}")
 
 
-def raise_diverged(out: Path, reason: str) -> None:
+def raise_diverged(out: RunDir, reason: str) -> None:
     import torch.distributed as dist
 
     from apo_ray.errors import DivergedError
     from apo_ray.storage import strict_json
 
     msg = (
-        f"training diverged at {reason}; nothing after the last checkpoint in {out / 'ray'} was saved. "
+        f"training diverged at {reason}; nothing after the last checkpoint in {out.uri_of('ray')} was saved. "
         "Lower train.lr or check the inputs (V*, rewards)"
     )
     if not dist.is_initialized() or dist.get_rank() == 0:
-        (out / ERROR_FILE).write_text(strict_json({"error": msg, "time": time.time()}) + "\n")
+        out.write_text(ERROR_FILE, strict_json({"error": msg, "time": time.time()}) + "\n")
     raise DivergedError(msg)
 
 

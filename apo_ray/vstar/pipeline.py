@@ -46,6 +46,7 @@ from apo_ray.storage import (
     fs_write_bytes,
     fs_write_json,
     get_fs,
+    open_output,
     remove_partial_writes,
 )
 
@@ -274,7 +275,7 @@ def run(cfg: Config) -> dict:
 
     t_start = time.time()
     uri = cfg.vstar.output_dir
-    fs, out = get_fs(uri)
+    fs, out = open_output(uri, "vstar.output_dir")
     check_writable(fs, out, "vstar.output_dir")  # fail before any actor starts
     model_path = resolve_model(cfg.model.path)
     check_model(model_path, cfg)

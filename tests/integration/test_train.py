@@ -237,7 +237,8 @@ def test_divergence_stops_the_run_at_the_step_and_keeps_the_last_good_checkpoint
     naming the step, writes no final model, and its last checkpoint is from before the blow-up."""
     from apo_ray import train
     from apo_ray.errors import DivergedError
-    from apo_ray.train.checkpoint import find_checkpoints
+    from apo_ray.train.checkpoint import find_checkpoints, step_of
+    from apo_ray.train.output import RunDir
 
     out = tmp_path / "t"
     cfg = train_config(
@@ -247,7 +248,7 @@ def test_divergence_stops_the_run_at_the_step_and_keeps_the_last_good_checkpoint
         train.run(cfg)
     step = int(re.search(r"step (\d+)", str(e.value)).group(1))
     assert "\n" not in str(e.value) and not (out / "final").exists()
-    saved = [int(p.name[5:]) for p in find_checkpoints(out)]
+    saved = [step_of(p) for p in find_checkpoints(RunDir(str(out)))]
     assert saved and max(saved) < step  # the diverged step (and anything after) was never checkpointed
     rows = read_metrics(out / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows if r["step"] < step)

@@ -23,6 +23,7 @@ from apo_ray.model import check_model
 from apo_ray.rewards import check_reward_fn, checked_reward
 from apo_ray.storage import fs_write_bytes, get_fs, strict_json
 from apo_ray.train.checkpoint import COMPLETE, check_resume, find_checkpoints, resolve_checkpoint
+from apo_ray.train.output import RunDir
 
 # ---------------------------------------------------------------- the reward contract
 
@@ -139,7 +140,10 @@ def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         (["show-config", "--config", "demo", "train.lrr=1"], "unknown config key 'train.lrr'"),
         (["export", "nowhere", "out"], "export: 'nowhere' is neither a Stage 2 checkpoint"),
         (["train", "--config", "demo", "train.output_dir=afile"], "config key 'train.output_dir'"),
-        (["train", "--config", "demo", "train.output_dir=s3://bucket/x"], "is a URI"),
+        (
+            ["train", "--config", "demo", "train.output_dir=nosuch://bucket/x"],
+            "config key 'train.output_dir': cannot open",
+        ),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, argv, expected):
@@ -168,6 +172,17 @@ def test_user_error_is_found_inside_wrappers():
 
     assert user_error(Wrapped(inner)) is inner
     assert user_error(ValueError("a bug")) is None
+
+
+def test_user_error_is_found_in_ray_train_failures():
+    """Ray Train's own exception types: each rank's failure, and the controller's."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    inner = ConfigError("config key 'train.output_dir': local, but the learners span 2 nodes")
+    group = WorkerGroupError("rank 1 failed", {1: inner, 0: RuntimeError("collective aborted")})
+    assert user_error(group) is inner
+    assert user_error(WorkerGroupError("a bug", {0: ValueError("a bug")})) is None
+    assert user_error(ControllerError(inner)) is inner
 
 
 # ---------------------------------------------------------------- strict JSON
@@ -209,9 +224,9 @@ def _checkpoint(out: Path, step: int, complete: bool) -> Path:
 def test_a_checkpoint_killed_while_saving_is_never_the_latest(tmp_path):
     good = _checkpoint(tmp_path, 4, complete=True)
     _checkpoint(tmp_path, 6, complete=False)  # its save was cut off: no completion marker
-    assert find_checkpoints(tmp_path) == [good]
+    assert find_checkpoints(RunDir(str(tmp_path))) == [str(good)]
     assert resolve_checkpoint(tmp_path) == good
-    assert check_resume({}, tmp_path, "auto") == 4
+    assert check_resume({}, RunDir(str(tmp_path)), "auto") == 4
 
 
 def _saved_config(out: Path, *overrides: str) -> dict:
@@ -229,24 +244,26 @@ def test_rerun_with_other_maths_is_refused_listing_what_differs(tmp_path):
 
     changed = to_dict(load_config("demo", ["train.lr=3e-4", "train.beta2=0.1", "train.vstar_dir=elsewhere"]))
     with pytest.raises(ConfigError) as e:
-        check_resume(changed, tmp_path, "auto")
+        check_resume(changed, RunDir(str(tmp_path)), "auto")
     msg = str(e.value)
     for part in ("train.lr 0.0001 -> 0.0003", "train.beta2 0.05 -> 0.1", "train.vstar_dir"):
         assert part in msg, msg
     # Steps, cadence and loggers may change: that resumes.
     same = to_dict(load_config("demo", ["train.num_steps=800", "train.save_every=10", "train.tensorboard=false"]))
-    assert check_resume(same, tmp_path, "auto") == 2
+    assert check_resume(same, RunDir(str(tmp_path)), "auto") == 2
 
 
 def test_resume_modes(tmp_path):
     cfg = _saved_config(tmp_path)
-    assert check_resume(cfg, tmp_path, "auto") == 0 and check_resume(cfg, tmp_path, "never") == 0
+    assert (
+        check_resume(cfg, RunDir(str(tmp_path)), "auto") == 0 and check_resume(cfg, RunDir(str(tmp_path)), "never") == 0
+    )
     with pytest.raises(ConfigError, match="train.resume': must"):
-        check_resume(cfg, tmp_path, "must")
+        check_resume(cfg, RunDir(str(tmp_path)), "must")
     _checkpoint(tmp_path, 2, complete=True)
-    assert check_resume(cfg, tmp_path, "must") == 2
+    assert check_resume(cfg, RunDir(str(tmp_path)), "must") == 2
     with pytest.raises(ConfigError, match="train.resume': never"):
-        check_resume(cfg, tmp_path, "never")
+        check_resume(cfg, RunDir(str(tmp_path)), "never")
 
 
 # ---------------------------------------------------------------- a full disk
@@ -302,11 +319,11 @@ def test_write_error_is_a_storage_error(tmp_path):
 def test_non_finite_step_stops_with_the_step_and_writes_the_reason(tmp_path):
     from apo_ray.train.recipe import ERROR_FILE, check_finite
 
-    check_finite(3, {"loss": 0.5, "kl": 0.1, "grad_norm": 2.0}, tmp_path)
-    check_finite(3, {"loss": 0.5, "kl": 0.1, "grad_norm": float("nan")}, tmp_path)  # no norm reported
+    check_finite(3, {"loss": 0.5, "kl": 0.1, "grad_norm": 2.0}, RunDir(str(tmp_path)))
+    check_finite(3, {"loss": 0.5, "kl": 0.1, "grad_norm": float("nan")}, RunDir(str(tmp_path)))  # no norm reported
     assert not (tmp_path / ERROR_FILE).exists()
     for bad in ({"loss": float("nan"), "kl": 0.1}, {"loss": 0.5, "kl": 0.1, "grad_norm": float("inf")}):
         with pytest.raises(DivergedError, match=r"^training diverged at step 7: non-finite"):
-            check_finite(7, {"grad_norm": 1.0, **bad}, tmp_path)
+            check_finite(7, {"grad_norm": 1.0, **bad}, RunDir(str(tmp_path)))
     saved = json.loads((tmp_path / ERROR_FILE).read_text())
     assert "step 7" in saved["error"] and "Lower train.lr" in saved["error"]

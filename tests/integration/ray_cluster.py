@@ -1,0 +1,169 @@
+"""A real multi-node Ray cluster on this machine, and its real client (`ray job submit`).
+
+Each node is a `ray start --block` in a process group of its own (the head with the dashboard,
+workers joined with `--address`), so a test can stop exactly one node, as a lost machine
+would (SIGKILL to its group: raylet, object store and every worker process of that node), and
+the fixture stops exactly what it started, by process group; other Ray instances on the machine
+are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from itest_utils import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    """A head node (dashboard, GCS) and worker nodes started with `ray start`, each its own process group."""
+
+    logs: Path
+    head_cpus: int = 4
+    env: dict = field(default_factory=dict)
+    gcs: str = ""
+    url: str = ""
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        # Token auth, as Ray 2.60 sets up by default for new clusters: the nodes and the CLI share the
+        # token through the environment (a user exports RAY_AUTH_TOKEN, or keeps it in ~/.ray/auth_token).
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        self.env = env
+
+    def start_head(self) -> None:
+        port, dash = free_port(), free_port()
+        self.gcs, self.url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+        self._start(
+            "head",
+            "--head",
+            f"--port={port}",
+            f"--num-cpus={self.head_cpus}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+        )
+        deadline = time.time() + 180
+        while True:
+            self._check_alive("head")
+            try:
+                urllib.request.urlopen(f"{self.url}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # it answers: 401 when Ray's token auth is on; the CLI sends the token
+            except OSError:
+                assert time.time() < deadline, "Ray head dashboard did not come up"
+                time.sleep(1)
+
+    def add_worker(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """Join a worker node with `num_cpus` CPUs and custom `resources`; returns once the cluster sees it."""
+        before = self.alive_nodes()
+        args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        self._start(name, *args)
+        deadline = time.time() + 120
+        while len(self.alive_nodes()) <= len(before):
+            self._check_alive(name)
+            assert time.time() < deadline, f"worker node {name} did not join: {self.log(name)[-2000:]}"
+            time.sleep(1)
+
+    def kill(self, name: str) -> None:
+        """Lose a node: SIGKILL to its whole process group (no clean shutdown)."""
+        proc = self.nodes.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
+            proc = self.nodes.pop(name)
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # anything left in its process group
+            except ProcessLookupError:
+                pass
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's live nodes, as `ray list nodes` reports them (through the dashboard)."""
+        for _ in range(30):  # the state API answers a few seconds after the dashboard does
+            out = self.ray("list", "nodes", "--address", self.url, "--format=json", "--filter", "state=ALIVE")
+            try:
+                return json.loads(out.stdout)
+            except json.JSONDecodeError:
+                time.sleep(1)
+        raise AssertionError(f"`ray list nodes` failed: {out.stdout[-1000:]} {out.stderr[-2000:]}")
+
+    def ray(self, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+
+    def submit(self, *job: str) -> str:
+        """`ray job submit --working-dir . --no-wait -- python JOB...`, as a user types it; returns the job id."""
+        done = self.ray(
+            "job", "submit", "--address", self.url, "--working-dir", str(REPO), "--no-wait", "--", "python", *job
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return re.search(r"(raysubmit_\w+)", done.stdout + done.stderr).group(1)
+
+    def status(self, job_id: str) -> str:
+        st = self.ray("job", "status", "--address", self.url, job_id)
+        return st.stdout + st.stderr
+
+    def wait(self, job_id: str, timeout_s: float = 400) -> tuple[str, str]:
+        """(final status text, logs) of a job."""
+        deadline, status = time.time() + timeout_s, ""
+        while time.time() < deadline:
+            status = self.status(job_id)
+            if re.search(r"succeeded|failed|stopped", status, re.IGNORECASE):  # "Job 'ID' succeeded" in 2.60
+                break
+            time.sleep(3)
+        return status, self.logs_of(job_id)
+
+    def logs_of(self, job_id: str) -> str:
+        return self.ray("job", "logs", "--address", self.url, job_id).stdout
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def _start(self, name: str, *args: str) -> None:
+        self.nodes[name] = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", *args],
+            env=self.env,
+            start_new_session=True,
+            stdout=open(self.logs / f"{name}.log", "w"),  # noqa: SIM115 - the child holds it
+            stderr=subprocess.STDOUT,
+        )
+
+    def _check_alive(self, name: str) -> None:
+        assert self.nodes[name].poll() is None, self.log(name)[-3000:]
