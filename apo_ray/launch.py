@@ -178,7 +178,7 @@ def fan_out(
     )
     done = tokens = 0
     t0 = last = time.time()
-    rows = results.iter_rows()
+    rows = iter(results.iter_rows())
     while True:
         try:
             row = next(rows)

@@ -36,9 +36,22 @@ def get_fs(uri: str):
     """
     import pyarrow.fs as pafs
 
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem) and os.environ.get("AWS_ACCESS_KEY_ID"):
+        # The keys go into the filesystem object itself, so a copy pickled to another process
+        # (Ray Train's controller writes the checkpoints' index) uses them too.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+        fs = pafs.S3FileSystem(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            region=fs.region,
+            endpoint_override=endpoint or None,
+            scheme="http" if endpoint.startswith("http://") else "https",
+        )
+    return fs, path
 
 
 def open_output(uri: str, key: str):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_server import moto_server
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,3 +33,20 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on localhost, with bucket s3_server.BUCKET; the AWS_* variables that point at it
+    are set in this process's environment (the driver's, as a user exports them) while it runs."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

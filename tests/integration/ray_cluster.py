@@ -44,6 +44,7 @@ class RayCluster:
     gcs: str = ""
     url: str = ""
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    runtime_env: dict | None = None  # given to every submitted job (`--runtime-env-json`)
 
     def __post_init__(self) -> None:
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -130,8 +131,9 @@ class RayCluster:
 
     def submit(self, *job: str) -> str:
         """`ray job submit --working-dir . --no-wait -- python JOB...`, as a user types it; returns the job id."""
+        env = ["--runtime-env-json", json.dumps(self.runtime_env)] if self.runtime_env else []
         done = self.ray(
-            "job", "submit", "--address", self.url, "--working-dir", str(REPO), "--no-wait", "--", "python", *job
+            "job", "submit", "--address", self.url, "--working-dir", str(REPO), *env, "--no-wait", "--", "python", *job
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return re.search(r"(raysubmit_\w+)", done.stdout + done.stderr).group(1)

@@ -6,82 +6,18 @@ which apo-ray passes on to every actor and worker. The server is started and sto
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from itest_utils import demo_config
+from s3_server import BUCKET, bucket_fs, read_text
 
-from apo_ray.metrics import read_metrics
+from apo_ray.metrics import parse_metrics
 
 pytestmark = pytest.mark.integration
-BUCKET = "apo-bucket"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-def _fs():
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
-
-
-def test_stage1_to_s3_with_resume_and_lock_then_stage2_reads_it(ray_session, s3_endpoint, tiny_model_dir, tmp_path):
+def test_stage1_to_s3_with_resume_and_lock_then_stage2_reads_it(ray_session, s3_endpoint, tiny_model_dir, caplog):
     import pyarrow.parquet as pq
 
     from apo_ray import train, vstar
@@ -90,7 +26,7 @@ def test_stage1_to_s3_with_resume_and_lock_then_stage2_reads_it(ray_session, s3_
     uri = f"s3://{BUCKET}/run1/vstar"
     args = [f"model.path={tiny_model_dir}", f"vstar.output_dir={uri}", "data.arith.num_train=64", "vstar.shard_size=32"]
     manifest = vstar.run(demo_config(*args))
-    fs = _fs()
+    fs = bucket_fs(s3_endpoint)
     assert manifest["complete"] and manifest["counts"]["rows_written"] == 64
     rows = sum(pq.read_table(f"{BUCKET}/run1/vstar/{n}", filesystem=fs).num_rows for n in manifest["shards"])
     assert rows == 64 and manifest["nodes"]  # the Ray node(s) that wrote the shards
@@ -104,18 +40,28 @@ def test_stage1_to_s3_with_resume_and_lock_then_stage2_reads_it(ray_session, s3_
         vstar.run(demo_config(*args, "vstar.overwrite=true"))
     fs.delete_file(f"{BUCKET}/run1/vstar/.lock")
 
-    out = tmp_path / "train"
-    train.run(
-        demo_config(
-            f"model.path={tiny_model_dir}",
-            "data.arith.num_train=64",
-            f"train.vstar_dir={uri}",
-            f"train.output_dir={out}",
-            "train.num_steps=2",
-            "train.eval_every=0",
-        )
-    )
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    # Stage 2 into the bucket too: Ray Train checkpoints there, rank 0 publishes metrics.jsonl and the
+    # final model; a rerun with more steps resumes from the bucket's newest complete checkpoint.
+    out = f"s3://{BUCKET}/run1/train"
+    stage2 = [
+        f"model.path={tiny_model_dir}",
+        "data.arith.num_train=64",
+        f"train.vstar_dir={uri}",
+        f"train.output_dir={out}",
+        "train.save_every=2",
+        "train.eval_every=0",
+    ]
+    first = train.run(demo_config(*stage2, "train.num_steps=2"))
+    assert first["final_model"] == f"{out}/final"
+    prefix = f"{BUCKET}/run1/train"
+    assert fs.get_file_info(f"{prefix}/ray/step_000002/.apo_complete").size == 0
+    assert fs.get_file_info(f"{prefix}/final/config.json").size > 0
+    with caplog.at_level("INFO", logger="apo_ray.train"):
+        train.run(demo_config(*stage2, "train.num_steps=3"))
+    assert "resuming after step 2" in caplog.text
+    assert [r["step"] for r in parse_metrics(read_text(fs, f"{prefix}/metrics.jsonl"))] == [1, 2, 3]
+    assert json.loads(read_text(fs, f"{prefix}/summary.json"))["steps"] == 3
+    assert "train" in read_text(fs, f"{prefix}/config.yaml")
 
 
 def test_stage1_on_s3_redoes_only_missing_shards(ray_session, s3_endpoint, tiny_model_dir):
@@ -124,7 +70,7 @@ def test_stage1_on_s3_redoes_only_missing_shards(ray_session, s3_endpoint, tiny_
     uri = f"s3://{BUCKET}/run2/vstar"
     args = [f"model.path={tiny_model_dir}", f"vstar.output_dir={uri}", "data.arith.num_train=64", "vstar.shard_size=16"]
     vstar.run(demo_config(*args))
-    fs = _fs()
+    fs = bucket_fs(s3_endpoint)
     fs.delete_file(f"{BUCKET}/run2/vstar/shard-00002.parquet")  # as if that shard's actor had died
     fs.delete_file(f"{BUCKET}/run2/vstar/manifest.json")
     kept = fs.get_file_info(f"{BUCKET}/run2/vstar/shard-00000.parquet").mtime
