@@ -55,17 +55,37 @@ class RayCluster:
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.env = env
 
-    def start_head(self) -> None:
+    def start_head(self, autoscaling: dict | None = None) -> None:
+        """Start the head; with `autoscaling` (worker node types), under Ray's fake multi-node
+        autoscaler, which starts and stops worker nodes on this machine (see `autoscaling_config`)."""
         port, dash = free_port(), free_port()
         self.gcs, self.url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+        extra = []
+        if autoscaling is not None:
+            from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+            path = self.logs / "autoscaling.json"
+            path.write_text(json.dumps(autoscaling_config(self.gcs, self.head_cpus, autoscaling, FAKE_HEAD_NODE_ID)))
+            extra.append(f"--autoscaling-config={path}")
+            # As ray.cluster_utils.AutoscalingCluster(autoscaler_v2=True) sets them (that class also
+            # runs `ray stop --force`, which would stop every Ray on the machine: not used).
+            self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_enable_autoscaler_v2="1")
+            head_env = {
+                "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+            }
+        else:
+            head_env = {}
         self._start(
             "head",
+            *extra,
             "--head",
             f"--port={port}",
             f"--num-cpus={self.head_cpus}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            env=head_env,
         )
         deadline = time.time() + 180
         while True:
@@ -81,13 +101,13 @@ class RayCluster:
 
     def add_worker(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
         """Join a worker node with `num_cpus` CPUs and custom `resources`; returns once the cluster sees it."""
-        before = self.alive_nodes()
+        before = {n["node_id"] for n in self.alive_nodes()}
         args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         self._start(name, *args)
         deadline = time.time() + 120
-        while len(self.alive_nodes()) <= len(before):
+        while not {n["node_id"] for n in self.alive_nodes()} - before:  # a lost node may still be listed
             self._check_alive(name)
             assert time.time() < deadline, f"worker node {name} did not join: {self.log(name)[-2000:]}"
             time.sleep(1)
@@ -158,10 +178,10 @@ class RayCluster:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    def _start(self, name: str, *args: str) -> None:
+    def _start(self, name: str, *args: str, env: dict | None = None) -> None:
         self.nodes[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             start_new_session=True,
             stdout=open(self.logs / f"{name}.log", "w"),  # noqa: SIM115 - the child holds it
             stderr=subprocess.STDOUT,
@@ -169,3 +189,41 @@ class RayCluster:
 
     def _check_alive(self, name: str) -> None:
         assert self.nodes[name].poll() is None, self.log(name)[-3000:]
+
+
+def autoscaling_config(gcs: str, head_cpus: int, worker_types: dict, head_node_id: str) -> dict:
+    """A cluster config for Ray's fake multi-node provider (nodes are local `ray` processes).
+
+    The provider is named as an external module: Ray 2.60's wheel lacks the fake provider's
+    defaults file (example.yaml) that `type: fake_multinode` would load.
+    """
+    module = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+    return {
+        "cluster_name": "apo-fake",
+        "max_workers": sum(t.get("max_workers", 0) for t in worker_types.values()),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.25,
+        "provider": {
+            "type": "external",
+            "module": module,
+            "gcs_address": gcs,
+            "launch_multiple": True,
+            "head_node_id": head_node_id,
+        },
+        "auth": {"ssh_user": "ray"},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            **worker_types,
+        },
+    }

@@ -1,0 +1,92 @@
+"""Stage 1 on an autoscaling cluster: Ray's fake multi-node autoscaler (the provider Ray's own
+autoscaler tests use) starts worker nodes on this machine as the actor pool asks for them, and
+stops them after the idle timeout.
+
+The head has 1 CPU (the job's driver); the worker node type has 2 CPUs and starts at 0 nodes, so
+every engine actor (2 CPUs) needs a node the autoscaler adds. The test prints the timeline of
+nodes and pool actors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from ray_cluster import RayCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def autoscaling_cluster(tmp_path):
+    c = RayCluster(tmp_path, head_cpus=1)
+    try:
+        c.start_head(
+            autoscaling={"cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3}}
+        )
+        yield c
+    finally:
+        c.stop()
+
+
+def _pool_actors(c: RayCluster) -> int:
+    out = c.ray("list", "actors", "--address", c.url, "--format=json", "--filter", "state=ALIVE", "--limit", "1000")
+    try:
+        return sum("ShardSampler" in a.get("class_name", "") for a in json.loads(out.stdout))
+    except json.JSONDecodeError:
+        return -1
+
+
+def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscaling_cluster, tiny_model_dir, tmp_path):
+    c = autoscaling_cluster
+    assert len(c.alive_nodes()) == 1, "starts with the head alone"
+    timeline: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        t0 = time.time()
+        while not stop.is_set():
+            timeline.append((round(time.time() - t0, 1), len(c.alive_nodes()) - 1, _pool_actors(c)))
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out = tmp_path / "vstar"
+    job = c.submit(
+        "jobs/vstar.py",
+        "--config",
+        "demo",
+        f"model.path={tiny_model_dir}",
+        f"vstar.output_dir={out}",
+        "data.arith.num_train=3072",
+        "vstar.shard_size=32",
+        "vstar.batch_size=32",
+        "vstar.num_samples=8",
+        "vstar.min_actors=1",
+        "vstar.max_actors=3",
+        "resources.cpus_per_actor=2",
+    )
+    try:
+        status, logs = c.wait(job, 600)
+        assert re.search(r"succeeded", status, re.IGNORECASE), f"{status}\n{logs[-5000:]}"
+        done_at = len(timeline)
+        deadline = time.time() + 180  # idle_timeout_minutes=0.25: the nodes go ~15 s after their actors
+        while time.time() < deadline and len(c.alive_nodes()) > 1:
+            time.sleep(2)
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+    print("\nseconds, worker nodes, pool actors:")
+    for row in timeline[:: max(1, len(timeline) // 60)]:
+        print(*row)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(pq.read_table(out / n).num_rows for n in manifest["shards"]) == 3072
+    during = timeline[:done_at]
+    assert max(n for _, n, _ in during) >= 2, "the autoscaler added nodes for the pool"
+    assert max(a for _, _, a in during) >= 2, "the pool grew past its minimum of 1"
+    assert len(manifest["nodes"]) >= 2, "more than one added node did the work"
+    assert len(c.alive_nodes()) == 1, "the added nodes were released after the idle timeout"
