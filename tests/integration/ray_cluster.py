@@ -45,6 +45,7 @@ class RayCluster:
     url: str = ""
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     runtime_env: dict | None = None  # given to every submitted job (`--runtime-env-json`)
+    _joined: int = 0
 
     def __post_init__(self) -> None:
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -99,8 +100,10 @@ class RayCluster:
                 assert time.time() < deadline, "Ray head dashboard did not come up"
                 time.sleep(1)
 
-    def add_worker(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        """Join a worker node with `num_cpus` CPUs and custom `resources`; returns once the cluster sees it."""
+    def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> str:
+        """Join a worker node with `num_cpus` CPUs and custom `resources`; returns its name once the cluster sees it."""
+        self._joined += 1
+        name = f"w{self._joined}"
         before = {n["node_id"] for n in self.alive_nodes()}
         args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}"]
         if resources:
@@ -111,6 +114,12 @@ class RayCluster:
             self._check_alive(name)
             assert time.time() < deadline, f"worker node {name} did not join: {self.log(name)[-2000:]}"
             time.sleep(1)
+        return name
+
+    @property
+    def workers(self) -> list[str]:
+        """Names of the live worker nodes this cluster started, oldest first."""
+        return [n for n in self.nodes if n != "head"]
 
     def kill(self, name: str) -> None:
         """Lose a node: SIGKILL to its whole process group (no clean shutdown)."""

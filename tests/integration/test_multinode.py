@@ -38,8 +38,8 @@ def cluster(tmp_path_factory, s3):
     c = RayCluster(tmp_path_factory.mktemp("cluster"), head_cpus=1)
     try:
         c.start_head()
-        c.add_worker("w1", 2)
-        c.add_worker("w2", 2)
+        c.add_worker(2)
+        c.add_worker(2)
         c.runtime_env = {"env_vars": s3}
         yield c
     finally:
@@ -134,7 +134,7 @@ def test_stage1_finishes_when_a_worker_node_is_lost(cluster, s3, tiny_model_dir)
             break
         time.sleep(0.5)
     assert 4 <= len(done) < 48, "the node should be lost part-way"
-    cluster.kill("w2")
+    cluster.kill(cluster.workers[-1])
     logs = _succeeded(cluster, job)
     manifest = json.loads(read_text(fs, f"{BUCKET}/mn/lost/manifest.json"))
     ids = []
@@ -142,7 +142,7 @@ def test_stage1_finishes_when_a_worker_node_is_lost(cluster, s3, tiny_model_dir)
         ids += pq.read_table(f"{BUCKET}/mn/lost/{name}", filesystem=fs).column("prompt_id").to_pylist()
     assert len(ids) == len(set(ids)) == 768, "every prompt exactly once"
     assert "Stage 1 done: 768 rows" in logs
-    cluster.add_worker("w3", 2)  # a replacement for the next test
+    cluster.add_worker(2)  # a replacement for the next test
 
 
 def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster, s3, tiny_model_dir):
@@ -155,8 +155,8 @@ def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster
     while time.time() < deadline and not fs.get_file_info(f"{prefix}/ray/step_000004/.apo_complete").is_file:
         assert not re.search(r"failed|succeeded", cluster.status(job), re.IGNORECASE), cluster.logs_of(job)[-4000:]
         time.sleep(0.5)
-    cluster.kill("w3")
-    cluster.add_worker("w4", 2)
+    cluster.kill(cluster.workers[-1])  # each worker node holds one learner: this is one of them
+    cluster.add_worker(2)
     logs = _succeeded(cluster, job, timeout_s=900)
     rows = parse_metrics(read_text(fs, f"{prefix}/metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, 41)), "every step once, none repeated"
