@@ -90,9 +90,14 @@ def _succeeded(cluster: RayCluster, job_id: str, timeout_s: float = 600) -> str:
     return logs
 
 
-def test_stage1_pool_spans_both_worker_nodes_and_writes_to_s3(cluster, s3, tiny_model_dir):
-    logs = _succeeded(cluster, cluster.submit(*_stage1(tiny_model_dir, f"vstar.output_dir={VSTAR}")))
-    assert "Stage 1 done: 128 rows" in logs
+@pytest.fixture(scope="module")
+def stage1(cluster, tiny_model_dir) -> str:
+    """Stage 1 into the bucket (VSTAR), submitted to the cluster; its job logs. Stage 2 reads it."""
+    return _succeeded(cluster, cluster.submit(*_stage1(tiny_model_dir, f"vstar.output_dir={VSTAR}")))
+
+
+def test_stage1_pool_spans_both_worker_nodes_and_writes_to_s3(cluster, s3, stage1):
+    assert "Stage 1 done: 128 rows" in stage1
     fs = bucket_fs(s3)
     manifest = json.loads(read_text(fs, f"{BUCKET}/mn/vstar/manifest.json"))
     rows = sum(pq.read_table(f"{BUCKET}/mn/vstar/{n}", filesystem=fs).num_rows for n in manifest["shards"])
@@ -101,13 +106,13 @@ def test_stage1_pool_spans_both_worker_nodes_and_writes_to_s3(cluster, s3, tiny_
     assert set(manifest["nodes"]) == workers, "both worker nodes wrote shards (the manifest names them)"
 
 
-def test_stage2_refuses_a_local_output_dir_when_learners_span_nodes(cluster, tiny_model_dir, tmp_path):
+def test_stage2_refuses_a_local_output_dir_when_learners_span_nodes(cluster, stage1, tiny_model_dir, tmp_path):
     status, logs = cluster.wait(cluster.submit(*_stage2(tiny_model_dir, str(tmp_path / "t"), "train.num_steps=2")))
     assert re.search(r"failed", status, re.IGNORECASE), logs[-3000:]
     assert "config key 'train.output_dir'" in logs and "learners run on 2 nodes" in logs, logs[-3000:]
 
 
-def test_stage2_two_learners_on_two_nodes_train_and_resume_in_s3(cluster, s3, tiny_model_dir):
+def test_stage2_two_learners_on_two_nodes_train_and_resume_in_s3(cluster, s3, stage1, tiny_model_dir):
     out, prefix = f"s3://{BUCKET}/mn/train", f"{BUCKET}/mn/train"
     logs = _succeeded(cluster, cluster.submit(*_stage2(tiny_model_dir, out, "train.num_steps=4")))
     assert "2 learner(s)" in logs
@@ -145,7 +150,7 @@ def test_stage1_finishes_when_a_worker_node_is_lost(cluster, s3, tiny_model_dir)
     cluster.add_worker(2)  # a replacement for the next test
 
 
-def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster, s3, tiny_model_dir):
+def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster, s3, stage1, tiny_model_dir):
     """SIGKILL the node of one learner after a checkpoint; a replacement node joins; Ray Train
     restarts the group (train.max_failures=1) from the last complete checkpoint: every step once."""
     out, prefix = f"s3://{BUCKET}/mn/lost-train", f"{BUCKET}/mn/lost-train"
