@@ -81,8 +81,8 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    # Built-in name (gsm8k | math | arith) or "package.module:function".
-    # None: the built-in reward of data.task.
+    # Built-in name (gsm8k | math | arith | gsm8k_strict | gsm8k_flexible) or "package.module:function".
+    # None: the built-in reward of data.task. Scores Stage 2 and eval, and Stage 1 unless vstar.reward_fn is set.
     fn: Optional[str] = None
 
 
@@ -119,6 +119,10 @@ class VStarConfig:
     """Stage 1: V*(x) from N reference samples per prompt."""
 
     output_dir: str = "runs/vstar"
+    # Stage 1's reward: a built-in name or "package.module:function"; None: reward.fn (Stage 1 scores
+    # as Stage 2 and eval do). The GSM8K paper configs set gsm8k_flexible here and gsm8k_strict in
+    # reward.fn, as the paper's code did. Stage 2 refuses V* scored with another reward than this.
+    reward_fn: Optional[str] = None
     num_samples: int = 8  # N
     beta1: float = 0.5  # .inf: plain mean of rewards
     filter_unsolvable: bool = False  # drop prompts whose N rewards are all 0
@@ -216,6 +220,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+def vstar_reward(cfg: Config) -> tuple[str, Optional[str]]:
+    """(config key, reward spec) that scores Stage 1: vstar.reward_fn when set, else reward.fn.
+
+    The spec may still be None (the built-in reward of data.task, `apo_ray.rewards.reward_fn_name`).
+    """
+    if cfg.vstar.reward_fn is not None:
+        return "vstar.reward_fn", cfg.vstar.reward_fn
+    return "reward.fn", cfg.reward.fn
 
 
 # ---------------------------------------------------------------- loading

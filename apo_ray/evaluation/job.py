@@ -42,8 +42,9 @@ def _plain(value: Any) -> Any:
 def _split_too_long(model_path: str, rows: list[dict], max_prompt_tokens: int) -> tuple[list[dict], list[dict]]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    lengths = [len(ids) for ids in tok([r["prompt"] for r in rows])["input_ids"]]
+    from apo_ray.data import prompt_token_counts
+
+    lengths = prompt_token_counts(AutoTokenizer.from_pretrained(model_path), [r["prompt"] for r in rows])
     keep = [r for r, n in zip(rows, lengths) if n <= max_prompt_tokens]
     return keep, [r for r, n in zip(rows, lengths) if n > max_prompt_tokens]
 
