@@ -91,7 +91,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 1024  # response tokens
-    max_prompt_tokens: int = 256  # longer prompts are dropped and counted
+    max_prompt_tokens: int = 256  # longer prompts are dropped and counted (Stage 1, GRPO; eval skips them)
     seed: int = 0
 
 
@@ -157,7 +157,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 0
-    entropy_coef: float = 0.0  # the official code uses 0.001; the paper does not mention it
+    # Entropy bonus (token mean), A*-PO and GRPO alike; the official code uses 0.001, the paper has none.
+    entropy_coef: float = 0.0
     # GRPO baseline
     group_size: int = 8
     clip_eps: float = 0.2
