@@ -131,6 +131,8 @@ def evaluate(model_path: str, rows: Sequence[dict], cfg: Config, *, ref_path: Op
                 rec["num_correct"] = r["num_correct"]
             if plan.kl:
                 rec["log_ratio"] = r["log_ratio"]
+                if r.get("engine_gap") is not None:
+                    rec["engine_gap"] = r["engine_gap"]
             if r["reward_error"]:
                 rec["reward_error"] = r["reward_error"]
         per_prompt.append(rec)
