@@ -101,7 +101,8 @@ def _load_hf(path: str, plan: EvalPlan) -> Any:
 
 
 class EvalWorker:
-    """Ray Data callable class: one vLLM engine (+ the reference on demand); each input row is a chunk of prompts."""
+    """Ray Data callable class: one vLLM engine (+ transformers copies of the model and the reference when the KL
+    is measured against another model); each input row is a chunk of prompts."""
 
     def __init__(self, plan: EvalPlan):
         t0 = time.perf_counter()
@@ -115,7 +116,9 @@ class EvalWorker:
             self.ref = _load_hf(plan.ref_path, plan)
             self.policy = _load_hf(plan.model_path, plan)
         self.init_s = time.perf_counter() - t0  # reported once, with this actor's first record
-        log.info("eval actor ready in %.1f s (reference loaded: %s)", self.init_s, self.ref is not None)
+        log.info(
+            "eval actor ready in %.1f s (transformers model + reference loaded: %s)", self.init_s, self.ref is not None
+        )
 
     def __call__(self, batch: dict) -> dict:
         cols: dict[str, list] = {}
