@@ -81,8 +81,8 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    # Built-in name (gsm8k | math | arith) or "package.module:function".
-    # None: the built-in reward of data.task.
+    # Built-in name (gsm8k | math | arith | gsm8k_strict | gsm8k_flexible) or "package.module:function".
+    # None: the built-in reward of data.task. Scores Stage 2 and eval, and Stage 1 unless vstar.reward_fn is set.
     fn: Optional[str] = None
 
 
@@ -91,7 +91,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 1024  # response tokens
-    max_prompt_tokens: int = 256  # longer prompts are dropped and counted
+    max_prompt_tokens: int = 256  # longer prompts are dropped and counted (Stage 1, GRPO; eval skips them)
     seed: int = 0
 
 
@@ -119,6 +119,10 @@ class VStarConfig:
     """Stage 1: V*(x) from N reference samples per prompt."""
 
     output_dir: str = "runs/vstar"
+    # Stage 1's reward: a built-in name or "package.module:function"; None: reward.fn (Stage 1 scores
+    # as Stage 2 and eval do). The GSM8K paper configs set gsm8k_flexible here and gsm8k_strict in
+    # reward.fn, as the paper's code did. Stage 2 refuses V* scored with another reward than this.
+    reward_fn: Optional[str] = None
     num_samples: int = 8  # N
     beta1: float = 0.5  # .inf: plain mean of rewards
     filter_unsolvable: bool = False  # drop prompts whose N rewards are all 0
@@ -157,7 +161,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 0
-    entropy_coef: float = 0.0  # the official code uses 0.001; the paper does not mention it
+    # Entropy bonus (token mean), A*-PO and GRPO alike; the official code uses 0.001, the paper has none.
+    entropy_coef: float = 0.0
     # GRPO baseline
     group_size: int = 8
     clip_eps: float = 0.2
@@ -220,6 +225,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+def vstar_reward(cfg: Config) -> tuple[str, Optional[str]]:
+    """(config key, reward spec) that scores Stage 1: vstar.reward_fn when set, else reward.fn.
+
+    The spec may still be None (the built-in reward of data.task, `apo_ray.rewards.reward_fn_name`).
+    """
+    if cfg.vstar.reward_fn is not None:
+        return "vstar.reward_fn", cfg.vstar.reward_fn
+    return "reward.fn", cfg.reward.fn
 
 
 # ---------------------------------------------------------------- loading

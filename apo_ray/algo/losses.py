@@ -13,7 +13,8 @@ clipping, as the paper's official code. Departures / additions:
 
 GRPO baseline (DeepSeekMath): group-normalised advantages, PPO clipped surrogate per token,
 k3 KL estimator to the reference, token-level mean over all masked tokens of the step
-(DAPO-style "token-mean", not the per-sequence mean of the original GRPO paper).
+(DAPO-style "token-mean", not the per-sequence mean of the original GRPO paper), and the same
+optional entropy bonus as A*-PO (train.entropy_coef applies to both algorithms).
 
 Masked positions may hold anything (padding, -inf): they are replaced by 0 before any
 arithmetic, so neither the loss nor its gradient can turn nan. Reference log-probs, old
@@ -147,12 +148,15 @@ def grpo_loss(
     kl_coef: float,
     *,
     num_tokens: float | None = None,
+    entropy_BT: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with a k3 KL penalty, token-level mean (the GRPO baseline).
 
     Per token, with ratio = exp(logp - old_logp) and A the sequence's advantage:
-        -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * k3,
-        k3 = exp(ref - logp) - (ref - logp) - 1   (>= 0, 0 when logp == ref).
+        -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * k3 - entropy_coef * H,
+        k3 = exp(ref - logp) - (ref - logp) - 1   (>= 0, 0 when logp == ref),
+    H the policy's entropy at that token (when given).
 
     Args:
         logp_BT: current policy log-probs (gradients flow).
@@ -165,11 +169,15 @@ def grpo_loss(
         num_tokens: divisor of the summed per-token losses; default this batch's mask.sum().
             The plumbing passes the optimizer step's token count T_global, as
             T_global / (W * G) when micro-batch losses are averaged over G (DeepSpeed) and
-            ranks' grads over W, T_global / W when micro-batch losses are summed.
+            ranks' grads over W, T_global / W when micro-batch losses are summed. The
+            entropy bonus shares it, so it is the token-mean entropy of the step, as in A*-PO.
+        entropy_BT: per-token policy entropy (gradients flow), for the optional bonus.
+        entropy_coef: weight of the bonus; ``loss -= entropy_coef * token-mean(entropy)``.
 
     Returns:
         (loss, stats): "clip_frac" (share of tokens where the clipped term is the smaller,
-        so its gradient is 0), "kl_k3_mean", "ratio_mean", all means over this batch's tokens.
+        so its gradient is 0), "kl_k3_mean", "ratio_mean" (and "entropy" when given), all
+        means over this batch's tokens.
     """
     mask_BT = mask_BT.bool()
     log_ratio_BT = _masked_diff(logp_BT, old_logp_BT.detach(), mask_BT)
@@ -182,7 +190,10 @@ def grpo_loss(
     ref_minus_logp_BT = _masked_diff(ref_logp_BT.detach(), logp_BT, mask_BT)
     k3_BT = torch.exp(ref_minus_logp_BT) - ref_minus_logp_BT - 1.0
 
-    per_token_BT = torch.where(mask_BT, pg_BT + kl_coef * k3_BT, 0.0)
+    per_token_BT = pg_BT + kl_coef * k3_BT
+    if entropy_BT is not None and entropy_coef != 0.0:
+        per_token_BT = per_token_BT - entropy_coef * entropy_BT.to(per_token_BT.dtype)
+    per_token_BT = torch.where(mask_BT, per_token_BT, 0.0)
     local_tokens = mask_BT.sum().clamp(min=1)
     denom = local_tokens if num_tokens is None else num_tokens
     loss = per_token_BT.sum() / denom
@@ -195,4 +206,6 @@ def grpo_loss(
         "kl_k3_mean": token_mean(k3_BT),
         "ratio_mean": token_mean(ratio_BT),
     }
+    if entropy_BT is not None:
+        stats["entropy"] = token_mean(entropy_BT)
     return loss, stats

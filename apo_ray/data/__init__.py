@@ -24,6 +24,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from apo_ray.config import DataConfig
 from apo_ray.data.sources import RawRow, file_rows, hf_rows, is_hf_source, synthetic_rows
@@ -37,7 +38,7 @@ from apo_ray.data.tasks import (
 )
 from apo_ray.errors import DataError
 
-__all__ = ["DataError", "PromptSet", "load_prompts", "fingerprint_rows"]
+__all__ = ["DataError", "PromptSet", "fingerprint_rows", "load_prompts", "prompt_token_counts"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
@@ -65,6 +66,13 @@ def fingerprint_rows(rows: list[dict]) -> str:
             h.update(b"\x1f")
         h.update(b"\x1e")
     return h.hexdigest()
+
+
+def prompt_token_counts(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt under the model's tokenizer (its default special tokens, as the engine
+    counts them): the one count every stage compares with sampling.max_prompt_tokens. A longer
+    prompt is dropped by Stage 1 and by Stage 2 under either algorithm, and skipped by eval."""
+    return [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
 
 
 def _split_settings(data: DataConfig, split: str) -> tuple[str, str, int | None]:

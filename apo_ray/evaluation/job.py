@@ -42,8 +42,9 @@ def _plain(value: Any) -> Any:
 def _split_too_long(model_path: str, rows: list[dict], max_prompt_tokens: int) -> tuple[list[dict], list[dict]]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    lengths = [len(ids) for ids in tok([r["prompt"] for r in rows])["input_ids"]]
+    from apo_ray.data import prompt_token_counts
+
+    lengths = prompt_token_counts(AutoTokenizer.from_pretrained(model_path), [r["prompt"] for r in rows])
     keep = [r for r, n in zip(rows, lengths) if n <= max_prompt_tokens]
     return keep, [r for r, n in zip(rows, lengths) if n > max_prompt_tokens]
 
@@ -130,6 +131,8 @@ def evaluate(model_path: str, rows: Sequence[dict], cfg: Config, *, ref_path: Op
                 rec["num_correct"] = r["num_correct"]
             if plan.kl:
                 rec["log_ratio"] = r["log_ratio"]
+                if r.get("engine_gap") is not None:
+                    rec["engine_gap"] = r["engine_gap"]
             if r["reward_error"]:
                 rec["reward_error"] = r["reward_error"]
         per_prompt.append(rec)

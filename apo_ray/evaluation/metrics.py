@@ -25,14 +25,15 @@ def aggregate(records: Sequence[dict], k: int) -> dict:
 
     Args:
         records: dicts with ``skipped`` (str, "" if evaluated), ``correct`` (bool),
-            ``reward`` (float), ``response_tokens`` (int), ``num_correct`` (int, of k samples)
-            and ``log_ratio`` (float or None).
+            ``reward`` (float), ``response_tokens`` (int), ``num_correct`` (int, of k samples),
+            ``log_ratio`` (float or None) and optionally ``engine_gap`` (float or None).
         k: samples per prompt for pass@k (1: no pass@k).
 
     Returns:
         num_prompts, num_skipped, accuracy, greedy_reward_mean, mean_response_tokens and, when
         available, pass_at_k, sample_accuracy (mean fraction of correct samples), kl_to_ref,
-        kl_to_ref_stderr. Means over zero prompts are None.
+        kl_to_ref_stderr, engine_logprob_gap (mean |vLLM - transformers sequence log-prob| of the
+        KL samples, which the KL itself does not contain). Means over zero prompts are None.
     """
     done = [r for r in records if not r["skipped"]]
     out: dict[str, Any] = {
@@ -52,6 +53,7 @@ def aggregate(records: Sequence[dict], k: int) -> dict:
         out["kl_to_ref_stderr"] = math.sqrt(sum((x - m) ** 2 for x in lr) / (len(lr) - 1) / len(lr))
     else:
         out["kl_to_ref_stderr"] = 0.0 if lr else None
+    out["engine_logprob_gap"] = _mean([abs(float(r["engine_gap"])) for r in done if r.get("engine_gap") is not None])
     return out
 
 
@@ -73,6 +75,8 @@ def format_table(report: dict) -> str:
         )
     if report["kl_to_ref"] is not None:
         same = " (same model as the reference)" if report["kl_same_model"] else ""
+        if report.get("engine_logprob_gap") is not None:
+            same += f" (vLLM vs transformers log-prob gap {num(report['engine_logprob_gap'], '.2g')}, not in the KL)"
         lines.append(
             f"KL to ref    {num(report['kl_to_ref'], '.4g')} +- {num(report['kl_to_ref_stderr'], '.2g')}{same}"
         )

@@ -1,4 +1,5 @@
-"""The evaluation actor: one vLLM engine (+ the reference model for the KL) scoring chunks of prompts.
+"""The evaluation actor: one vLLM engine (+ transformers copies of the model and its reference for the KL)
+scoring chunks of prompts.
 
 See `apo_ray.evaluation` for what is measured and how seeds are assigned.
 """
@@ -35,8 +36,8 @@ class EvalPlan:
     seed: int
 
 
-def reference_logprobs(model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
-    """sum_t log pi_ref(y_t | x, y_<t) for each (x, y), one forward per micro-batch (right-padded).
+def sequence_logprobs(model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+    """sum_t log p(y_t | x, y_<t) under `model` for each (x, y), one forward per micro-batch (right-padded).
 
     Args:
         model: a transformers causal LM (eval mode).
@@ -66,8 +67,42 @@ def reference_logprobs(model: Any, prompt_ids: list[list[int]], response_ids: li
     return out
 
 
+def kl_log_ratios(
+    policy: Any,
+    ref: Any,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    engine_logps: list[list[float]],
+) -> tuple[list[float], list[float]]:
+    """Per sequence: (log pi(y|x) - log pi_ref(y|x), engine gap), both log-probs from transformers.
+
+    Both sides of the log-ratio come from the same engine (transformers, same dtype and device), so
+    the numerical gap between vLLM and transformers does not enter the KL; it is returned apart as
+    sum_t vLLM log pi(y_t) - sum_t transformers log pi(y_t) of the same tokens.
+
+    Args:
+        policy, ref: transformers causal LMs (eval mode): the evaluated model and the reference.
+        prompt_ids, response_ids: token ids of each prompt x and its sampled response y.
+        engine_logps: vLLM's log-prob of each sampled token under the policy.
+    """
+    logp_pi = sequence_logprobs(policy, prompt_ids, response_ids)
+    logp_ref = sequence_logprobs(ref, prompt_ids, response_ids)
+    ratios = [p - r for p, r in zip(logp_pi, logp_ref)]
+    gaps = [sum(e) - p for e, p in zip(engine_logps, logp_pi)]
+    return ratios, gaps
+
+
+def _load_hf(path: str, plan: EvalPlan) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, plan.dtype))
+    return model.to("cuda" if plan.device == "cuda" else "cpu").eval()
+
+
 class EvalWorker:
-    """Ray Data callable class: one vLLM engine (+ the reference on demand); each input row is a chunk of prompts."""
+    """Ray Data callable class: one vLLM engine (+ transformers copies of the model and the reference when the KL
+    is measured against another model); each input row is a chunk of prompts."""
 
     def __init__(self, plan: EvalPlan):
         t0 = time.perf_counter()
@@ -76,15 +111,14 @@ class EvalWorker:
         self.plan = plan
         self.scorer = RewardScorer(get_reward_fn(plan.reward_fn), plan.reward_fn)
         self.engine = build_engine(plan.engine)
-        self.ref = None
-        if plan.kl and not plan.kl_same_model:
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            ref = AutoModelForCausalLM.from_pretrained(plan.ref_path, dtype=getattr(torch, plan.dtype))
-            self.ref = ref.to("cuda" if plan.device == "cuda" else "cpu").eval()
+        self.ref = self.policy = None
+        if plan.kl and not plan.kl_same_model:  # both sides of the KL from transformers (`kl_log_ratios`)
+            self.ref = _load_hf(plan.ref_path, plan)
+            self.policy = _load_hf(plan.model_path, plan)
         self.init_s = time.perf_counter() - t0  # reported once, with this actor's first record
-        log.info("eval actor ready in %.1f s (reference loaded: %s)", self.init_s, self.ref is not None)
+        log.info(
+            "eval actor ready in %.1f s (transformers model + reference loaded: %s)", self.init_s, self.ref is not None
+        )
 
     def __call__(self, batch: dict) -> dict:
         cols: dict[str, list] = {}
@@ -115,15 +149,19 @@ class EvalWorker:
                 logprobs=p.kl,
             )
         log_ratios: list[Optional[float]] = [None] * len(prompts)
+        gaps: list[Optional[float]] = [None] * len(prompts)
         if p.kl and sampled is not None:
             firsts = [res.completions[0] for res in sampled]
             if self.ref is None:  # the evaluated model is the reference
                 log_ratios = [0.0] * len(prompts)
             else:
-                ref_lp = reference_logprobs(
-                    self.ref, [res.prompt_token_ids for res in sampled], [c.token_ids for c in firsts]
+                log_ratios, gaps = kl_log_ratios(
+                    self.policy,
+                    self.ref,
+                    [res.prompt_token_ids for res in sampled],
+                    [c.token_ids for c in firsts],
+                    [c.logprobs for c in firsts],
                 )
-                log_ratios = [sum(c.logprobs) - r for c, r in zip(firsts, ref_lp)]
         records = []
         for j, (res, answer) in enumerate(zip(greedy, answers)):
             comp = res.completions[0]
@@ -145,6 +183,7 @@ class EvalWorker:
                     "response_tokens": len(comp.token_ids),
                     "num_correct": num_correct,
                     "log_ratio": math.nan if log_ratios[j] is None else float(log_ratios[j]),
+                    "engine_gap": math.nan if gaps[j] is None else float(gaps[j]),
                     "seconds": 0.0,
                     "init_s": 0.0,
                     "skipped": "",

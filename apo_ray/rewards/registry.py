@@ -1,7 +1,10 @@
-"""Find a reward function by name: a built-in ("gsm8k", "math", "arith") or "package.module:function".
+"""Find a reward function by name: a built-in or "package.module:function".
 
-Every job resolves `reward.fn` through `reward_fn_name` first, so Stage 1, Stage 2 and
-eval record the same string in their manifests, then builds the function with
+Built-ins: "gsm8k" (ours), "gsm8k_strict" and "gsm8k_flexible" (the official A*-PO code's online and
+offline GSM8K rewards, `apo_ray.rewards.gsm8k`), "math", "arith".
+
+Every job resolves its reward (`reward.fn`; Stage 1: `vstar.reward_fn`, unset meaning reward.fn)
+through `reward_fn_name` first, so the manifests record the spec that scored, then builds the function with
 `get_reward_fn` inside the worker that scores (the string travels, not the function).
 A custom function has the same contract as the built-ins: `fn(completion, answer) -> float`,
 called on untrusted completions; it is returned as is, unwrapped.
@@ -20,7 +23,7 @@ from collections.abc import Callable
 
 from apo_ray.errors import ConfigError
 from apo_ray.rewards.arith import arith_reward
-from apo_ray.rewards.gsm8k import gsm8k_reward
+from apo_ray.rewards.gsm8k import gsm8k_flexible_reward, gsm8k_reward, gsm8k_strict_reward
 from apo_ray.rewards.math_reward import math_reward
 
 RewardFn = Callable[[str, str], float]
@@ -29,6 +32,8 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "gsm8k": gsm8k_reward,
     "math": math_reward,
     "arith": arith_reward,
+    "gsm8k_strict": gsm8k_strict_reward,
+    "gsm8k_flexible": gsm8k_flexible_reward,
 }
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 _CUSTOM_SPEC_RE = re.compile(rf"({_DOTTED}):({_DOTTED})")
@@ -95,7 +100,7 @@ def get_reward_fn(name: str) -> RewardFn:
     """The reward function `fn(completion, answer) -> float` named by `name`.
 
     Args:
-        name: "gsm8k", "math", "arith", or "package.module:function" (imported here).
+        name: a built-in (`BUILTIN_REWARDS`) or "package.module:function" (imported here).
 
     Raises:
         ValueError: an unknown built-in (with the closest match), a module that does not
@@ -139,15 +144,18 @@ def check_reward_fn(name: str, answer: str) -> None:
             )
 
 
-def checked_reward(task: str, fn: str | None, answer: str) -> str:
+def checked_reward(task: str, fn: str | None, answer: str, key: str = "reward.fn") -> str:
     """The reward spec of a job (`reward_fn_name`), its contract checked on one reference `answer`.
 
+    Args:
+        key: the config key that named `fn` ("reward.fn", or "vstar.reward_fn" for Stage 1), for errors.
+
     Raises:
-        ConfigError: naming reward.fn and what is wrong.
+        ConfigError: naming `key` and what is wrong.
     """
     try:
         name = reward_fn_name(task, fn)
         check_reward_fn(name, answer)
     except ValueError as e:
-        raise ConfigError(f"config key 'reward.fn': {e}") from None
+        raise ConfigError(f"config key '{key}': {e}") from None
     return name

@@ -67,6 +67,7 @@ MATH_KEYS = (
     "data.arith.num_train",
     "reward.fn",
     "sampling",
+    "vstar.reward_fn",
     "vstar.num_samples",
     "vstar.beta1",
     "vstar.filter_unsolvable",
@@ -89,12 +90,21 @@ MATH_KEYS = (
 )
 
 
+_ABSENT = "<absent>"
+
+
 def _lookup(d: dict, key: str) -> Any:
     for part in key.split("."):
         if not isinstance(d, dict) or part not in d:
-            return "<absent>"
+            return _ABSENT
         d = d[part]
     return d
+
+
+def _saved_value(old: dict, key: str, defaults: dict) -> Any:
+    """`key` in a saved config; a key added to the schema after that run has its default (the value it used)."""
+    value = _lookup(old, key)
+    return _lookup(defaults, key) if value == _ABSENT else value
 
 
 def check_resume(cfg_dict: dict, out: RunDir, mode: str) -> int:
@@ -130,10 +140,13 @@ def check_resume(cfg_dict: dict, out: RunDir, mode: str) -> int:
         raise ConfigError(
             f"train.output_dir {str(out)!r}: its config.yaml cannot be read ({e}); use another directory"
         ) from None
+    from apo_ray.config import Config
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
     changed = [
-        f"{key} {_lookup(old, key)!r} -> {_lookup(cfg_dict, key)!r}"
+        f"{key} {_saved_value(old, key, defaults)!r} -> {_lookup(cfg_dict, key)!r}"
         for key in MATH_KEYS
-        if _lookup(old, key) != _lookup(cfg_dict, key)
+        if _saved_value(old, key, defaults) != _lookup(cfg_dict, key)
     ]
     if changed:
         raise ConfigError(

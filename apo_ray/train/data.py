@@ -2,7 +2,13 @@
 
 The join is by `prompt_id`. A prompt with no V* row is an error naming the prompt id
 and the shard directory, unless Stage 1 dropped it on purpose (vstar.filter_unsolvable,
-or longer than sampling.max_prompt_tokens): the manifest lists those ids.
+or longer than sampling.max_prompt_tokens): the manifest lists those ids. GRPO needs no V*
+and drops the prompts longer than sampling.max_prompt_tokens itself, by the same count
+(`apo_ray.data.prompt_token_counts`), so both algorithms train on the same prompts (up to
+vstar.filter_unsolvable, which only A*-PO can apply).
+
+The manifest must belong to this run (`check_manifest`), including the reward that scored
+Stage 1: vstar.reward_fn, or reward.fn when that is unset.
 
 The order of prompts is a pure function of (seed, step): epoch e is a permutation
 seeded by (seed, e), and step t takes rows [t*B, (t+1)*B) of the concatenated
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apo_ray.config import Config
+from apo_ray.config import Config, vstar_reward
 from apo_ray.errors import ConfigError, DataError, VStarMismatchError
 from apo_ray.storage import fs_exists, fs_read_json, get_fs
 
@@ -93,19 +99,22 @@ def _check_vstar(pid: str, v: float | None, rewards: list | None, shard: str) ->
         )
 
 
-def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) -> list[TrainPrompt]:
+def load_train_prompts(cfg: Config, model: str) -> list[TrainPrompt]:
     """Training prompts with their V* (A*-PO), or with V* = 0 (GRPO needs none).
 
-    `model` is the resolved reference model of this run. The V* must belong to this run
-    (`check_manifest`); a prompt without a V* row is an error unless Stage 1 dropped it.
+    Args:
+        cfg: the run's config.
+        model: the resolved reference model of this run (a directory with its tokenizer for GRPO).
+            The V* must belong to this run (`check_manifest`); a prompt without a V* row is an
+            error unless Stage 1 dropped it.
     """
     from apo_ray.data import load_prompts
 
     prompts = load_prompts(cfg.data, "train")
     if cfg.train.algo != "astar_po":
-        return [TrainPrompt(r["prompt_id"], r["prompt"], r["answer"], 0.0) for r in prompts.rows]
+        return _short_enough(cfg, prompts.rows, model)
     values, manifest = read_vstar(cfg.train.vstar_dir)
-    check_manifest(cfg, manifest, reward_fn, model, prompts.fingerprint)
+    check_manifest(cfg, manifest, vstar_reward_name(cfg), model, prompts.fingerprint)
     dropped = set(manifest.get("filtered_prompt_ids", [])) | set(manifest.get("too_long_prompt_ids", []))
     out = []
     for r in prompts.rows:
@@ -124,14 +133,48 @@ def load_train_prompts(cfg: Config, reward_fn: str, model: str | None = None) ->
     return out
 
 
+def _short_enough(cfg: Config, rows: list[dict], model: str) -> list[TrainPrompt]:
+    """GRPO's prompts: those of at most sampling.max_prompt_tokens tokens (Stage 1's rule), V* = 0."""
+    from transformers import AutoTokenizer
+
+    from apo_ray.data import prompt_token_counts
+
+    limit = cfg.sampling.max_prompt_tokens
+    lengths = prompt_token_counts(AutoTokenizer.from_pretrained(model), [r["prompt"] for r in rows])
+    out = [TrainPrompt(r["prompt_id"], r["prompt"], r["answer"], 0.0) for r, n in zip(rows, lengths) if n <= limit]
+    if len(out) < len(rows):
+        log.info("%d prompts longer than sampling.max_prompt_tokens=%d are not trained on", len(rows) - len(out), limit)
+    if not out:
+        raise ConfigError(
+            f"config key 'sampling.max_prompt_tokens': all {len(rows)} training prompts are longer than {limit} tokens"
+        )
+    return out
+
+
+def vstar_reward_name(cfg: Config) -> str:
+    """The reward spec that scores Stage 1 under this config (vstar.reward_fn, else reward.fn), spelling checked.
+
+    Raises:
+        ConfigError: naming the key that gave it.
+    """
+    from apo_ray.rewards import reward_fn_name
+
+    key, fn = vstar_reward(cfg)
+    try:
+        return reward_fn_name(cfg.data.task, fn)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+
+
 def _as_float(value: object) -> object:
     return float(value) if isinstance(value, (int, float, str)) and value not in ("",) else value
 
 
-def check_manifest(cfg: Config, manifest: dict, reward_fn: str, model: str | None, fingerprint: str) -> None:
+def check_manifest(cfg: Config, manifest: dict, vstar_reward_fn: str, model: str | None, fingerprint: str) -> None:
     """Refuse V* computed under other settings than this run's, listing every difference.
 
-    Compared: the reference model (resolved path), reward.fn, vstar.num_samples / beta1 /
+    Compared: the reference model (resolved path), Stage 1's reward (`vstar_reward_fn`: the spec
+    vstar.reward_fn, else reward.fn, resolves to; `vstar_reward_name`), vstar.num_samples / beta1 /
     filter_unsolvable, the sampling settings (temperature, top_p, max_tokens, max_prompt_tokens;
     not the seed) and the dataset fingerprint (prompt ids, texts with their template, answers).
     A field a manifest does not record is not compared.
@@ -143,7 +186,7 @@ def check_manifest(cfg: Config, manifest: dict, reward_fn: str, model: str | Non
     s, v = cfg.sampling, cfg.vstar
     pairs = [
         ("model.path", manifest.get("model"), model),
-        ("reward.fn", manifest.get("reward_fn"), reward_fn),
+        (vstar_reward(cfg)[0], manifest.get("reward_fn"), vstar_reward_fn),
         ("vstar.num_samples", manifest.get("num_samples"), v.num_samples),
         ("vstar.beta1", _as_float(manifest.get("beta1")) if "beta1" in manifest else None, v.beta1),
         ("vstar.filter_unsolvable", manifest.get("filter_unsolvable"), v.filter_unsolvable),
@@ -161,7 +204,8 @@ def check_manifest(cfg: Config, manifest: dict, reward_fn: str, model: str | Non
     if diffs:
         raise VStarMismatchError(
             f"V* in {cfg.train.vstar_dir!r} was computed under other settings than this run's: {'; '.join(diffs)}. "
-            "Rerun Stage 1 with this config (jobs/vstar.py), or point train.vstar_dir at a matching V*"
+            "Rerun Stage 1 with this config (jobs/vstar.py), or point train.vstar_dir at a matching V* "
+            "(Stage 1's reward is vstar.reward_fn, or reward.fn when that is unset)"
         )
     if manifest.get("complete") is False:
         raise VStarMismatchError(f"V* in {cfg.train.vstar_dir!r} is incomplete (Stage 1 did not finish); rerun Stage 1")

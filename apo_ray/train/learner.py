@@ -343,7 +343,7 @@ class Learner:
                 ``logprobs(batch, ref=False)`` before the first mini-batch; None: the current
                 policy's detached log-probs (ratio 1, exact for the first mini-batch).
             num_tokens: response tokens in the whole optimizer step, all ranks (GRPO token mean,
-                A*-PO entropy mean); None: all-reduced here.
+                the entropy bonus's mean in both algorithms); None: all-reduced here.
 
         Returns:
             Global stats (same on every rank): loss, kl (mean sequence log pi/pi_ref), logprob_gap
@@ -400,25 +400,16 @@ class Learner:
             with torch.no_grad():  # stats only: one row at a time to bound the float32 copy
                 entropy_BT = torch.cat([token_entropy(row[None, :-1], self.temperature) for row in logits_BTV])
         entropy_BT = torch.nn.functional.pad(entropy_BT, (1, 0))
+        # train.entropy_coef applies to both algorithms: a token-mean bonus over the step's tokens.
+        bonus = {"entropy_BT": entropy_BT, "entropy_coef": c.entropy_coef, "num_tokens": tok_norm}
         if algo == "astar_po":
             loss, stats = astar_po_loss(
-                logp_BT,
-                ref_logp_BT,
-                mask_BT,
-                mb.reward_B,
-                mb.vstar_B,
-                c.beta2,
-                normalizer=seq_norm,
-                entropy_BT=entropy_BT,
-                entropy_coef=c.entropy_coef,
-                num_tokens=tok_norm,
+                logp_BT, ref_logp_BT, mask_BT, mb.reward_B, mb.vstar_B, c.beta2, normalizer=seq_norm, **bonus
             )
             weight = float(len(mb))
         else:
             old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[:, :T].to(self.device)
-            loss, stats = grpo_loss(
-                logp_BT, old, ref_logp_BT, mask_BT, mb.adv_B, c.clip_eps, c.kl_coef, num_tokens=tok_norm
-            )
+            loss, stats = grpo_loss(logp_BT, old, ref_logp_BT, mask_BT, mb.adv_B, c.clip_eps, c.kl_coef, **bonus)
             weight = float(mask_BT.sum())
         self.engine.backward(loss)
 

@@ -43,7 +43,7 @@ def run(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from apo_ray.rewards import checked_reward, reward_fn_name
+    from apo_ray.rewards import checked_reward
     from apo_ray.train.data import load_train_prompts
 
     t0 = time.time()
@@ -53,9 +53,8 @@ def run(cfg: Config) -> dict:
     resume_step = check_resume(to_dict(cfg), out, cfg.train.resume)
     model_path = resolve_model(cfg.model.path)
     check_model(model_path, cfg)
-    reward = reward_fn_name(cfg.data.task, cfg.reward.fn)
-    prompts = load_train_prompts(cfg, reward, model_path)
-    checked_reward(cfg.data.task, cfg.reward.fn, prompts[0].answer)
+    prompts = load_train_prompts(cfg, model_path)  # checks the V* manifest, Stage 1's reward included
+    reward = checked_reward(cfg.data.task, cfg.reward.fn, prompts[0].answer)  # Stage 2's reward
     eval_rows = _eval_rows(cfg) if cfg.train.eval_every else []
     if init_ray(cfg.resources) != "cluster":
         check_resources(cfg, resolve_device(cfg.resources))

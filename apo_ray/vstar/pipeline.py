@@ -19,9 +19,11 @@ the shard's parquet file itself. The shard is the unit of work and of resume:
   same directory is refused rather than mixed;
 - `.lock` keeps a second job from writing the same directory.
 
-Departures from the paper's code: the same reward function scores Stage 1 and
-Stage 2 (the official code uses a looser GSM8K extractor in Stage 1); we do not use
-`ray.data.llm` because its vLLM stage keeps only the first completion when n > 1.
+The reward that scores Stage 1 is vstar.reward_fn, or reward.fn when that is unset (the default:
+the same rule as Stage 2); the manifest records it as `reward_fn` and Stage 2 checks it against its
+own config. The GSM8K paper configs score Stage 1 with the official code's looser "gsm8k_flexible"
+and Stage 2 with its "gsm8k_strict", as the paper's code did. We do not use `ray.data.llm` because
+its vLLM stage keeps only the first completion when n > 1.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import resource
 import time
 from dataclasses import dataclass
 
-from apo_ray.config import Config, to_dict, to_yaml
+from apo_ray.config import Config, to_dict, to_yaml, vstar_reward
 from apo_ray.errors import ConfigError
 from apo_ray.launch import EngineSpec, build_engine, check_pool_fits, engine_spec, fan_out, pool_item
 from apo_ray.model import check_model, resolve_model
@@ -117,11 +119,12 @@ class ShardSampler:
         import pyarrow.parquet as pq
 
         from apo_ray.algo import vstar
+        from apo_ray.data import prompt_token_counts
 
         cfg, s = self.cfg, self.cfg.sampling
         t0 = time.perf_counter()
         n = cfg.vstar.num_samples
-        lengths = [len(t) for t in self.tokenizer(prompts)["input_ids"]]
+        lengths = prompt_token_counts(self.tokenizer, prompts)
         keep = [j for j, length in enumerate(lengths) if length <= s.max_prompt_tokens]
         too_long = [ids[j] for j, length in enumerate(lengths) if length > s.max_prompt_tokens]
         rewards, completions, tokens = [], [], 0
@@ -282,7 +285,8 @@ def run(cfg: Config) -> dict:
     prompts = load_prompts(cfg.data, "train")
     if prompts.skipped:
         log.warning("skipped %d bad prompt rows (data.on_bad_row=skip)", prompts.skipped)
-    reward = checked_reward(cfg.data.task, cfg.reward.fn, prompts.rows[0]["answer"])
+    reward_key, reward_fn = vstar_reward(cfg)
+    reward = checked_reward(cfg.data.task, reward_fn, prompts.rows[0]["answer"], key=reward_key)
 
     lock = OutputLock(fs, out, uri)
     lock.acquire()
@@ -365,7 +369,7 @@ def _check_reward_errors(cfg: Config, plan: Stage1Plan, fs, out: str, manifest: 
     manifest["complete"] = False
     fs_write_json(fs, f"{out}/manifest.json", manifest)
     raise ConfigError(
-        f"config key 'reward.fn': {plan.reward_fn!r} raised on {counts['reward_errors']} of {counts['completions']} "
+        f"config key '{vstar_reward(cfg)[0]}': {plan.reward_fn!r} raised on {counts['reward_errors']} of {counts['completions']} "
         f"completions ({rate:.1%}, more than vstar.max_reward_error_rate={cfg.vstar.max_reward_error_rate}); "
         f"first error: {manifest['first_reward_error']}"
     )

@@ -4,8 +4,9 @@
   (up to one prompt: vLLM and transformers may break a near-tie of logits differently);
 - the reference against itself: kl_to_ref is exactly 0 (the reference is not loaded);
 - a copy of the reference at another path, laid out as a training checkpoint (``hf/``), goes
-  the honest way: engine log-probs minus transformers log-probs, ~0 per prompt (an
-  off-by-one alignment would give several nats), with the same greedy and sampled results;
+  the honest way: both sides of the KL from transformers, ~0 per prompt, and the engine's
+  log-probs of the same tokens within a small gap of transformers' (an off-by-one alignment
+  would give several nats), with the same greedy and sampled results;
 - train.output_dir layouts (``final/``) resolve, and a missing path fails naming itself.
 """
 
@@ -142,6 +143,10 @@ def test_checkpoint_copy_of_reference_gives_honest_near_zero_kl(self_report, cfg
     assert len(ratios) == NUM_PROMPTS and all(r is not None for r in ratios)
     assert max(abs(r) for r in ratios) < 0.05, ratios
     assert abs(report["kl_to_ref"]) < 0.01
+    # vLLM's log-probs of the sampled tokens against transformers': reported apart, not in the KL
+    gaps = [p["engine_gap"] for p in report["per_prompt"]]
+    assert len(gaps) == NUM_PROMPTS and max(abs(g) for g in gaps) < 0.05, gaps
+    assert report["engine_logprob_gap"] < 0.05
     # same weights, same seeds: the same greedy completions and the same sampled correctness counts
     assert [p["completion"] for p in report["per_prompt"]] == [p["completion"] for p in self_report["per_prompt"]]
     assert [p["num_correct"] for p in report["per_prompt"]] == [p["num_correct"] for p in self_report["per_prompt"]]

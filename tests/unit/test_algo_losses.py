@@ -246,6 +246,25 @@ def test_grpo_k3_kl_by_hand() -> None:
     assert stats["kl_k3_mean"] == 0.0
 
 
+def test_grpo_entropy_bonus_by_hand() -> None:
+    # The clipping case above (loss 0.15 over 4 tokens) with token entropies [[1, 2], [3, 100]],
+    # the 100 masked out: mean entropy (1 + 2 + 3) / 3 = 2 over the 3 masked-in tokens.
+    logp = t([[-1.0, -2.0], [-0.5, -1.5]])
+    old = logp - torch.log(t(RATIOS))
+    mask, adv = t([[1, 1], [1, 0]]), t([1.0, -1.0])
+    entropy = t([[1.0, 2.0], [3.0, 100.0]], grad=True)
+    base, stats = grpo_loss(logp, old, logp, mask, adv, 0.2, 0.0, entropy_BT=entropy)
+    assert base.item() == pytest.approx(-0.2 / 3, abs=1e-12)  # coefficient 0: the loss is unchanged
+    assert stats["entropy"] == pytest.approx(2.0, abs=1e-12)
+    loss, _ = grpo_loss(logp, old, logp, mask, adv, 0.2, 0.0, entropy_BT=entropy, entropy_coef=0.01)
+    assert loss.item() == pytest.approx(-0.2 / 3 - 0.01 * 2.0, abs=1e-12)
+    loss.backward()  # d loss / d H = -coef / tokens on masked-in tokens, 0 on the masked one
+    assert torch.allclose(entropy.grad, t([[-0.01, -0.01], [-0.01, 0.0]]) / 3, atol=1e-12, rtol=0)
+    # num_tokens = 10 divides the bonus too: the same token-mean normaliser as the surrogate.
+    loss, _ = grpo_loss(logp, old, logp, mask, adv, 0.2, 0.0, num_tokens=10, entropy_BT=entropy, entropy_coef=0.01)
+    assert loss.item() == pytest.approx(-0.02 - 0.01 * 6.0 / 10, abs=1e-12)
+
+
 def test_grpo_gradcheck() -> None:
     batch = _random_batch(3, 4, seed=3)
     # Keep ratios away from the clip edges (1 +- eps), where the loss is not differentiable.
@@ -262,14 +281,17 @@ def test_grpo_sharded_equals_global() -> None:
     old = batch["logp"] + 0.3 * torch.randn(8, 5, generator=torch.Generator().manual_seed(5), dtype=F64)
     args = (old, batch["ref"], batch["mask"], batch["adv"])
 
+    ent = batch["entropy"]
     logp_full = batch["logp"].clone().requires_grad_(True)
-    full, _ = grpo_loss(logp_full, *args, 0.2, 0.1)
+    full, _ = grpo_loss(logp_full, *args, 0.2, 0.1, entropy_BT=ent, entropy_coef=0.01)
     full.backward()
 
     logp = batch["logp"].clone().requires_grad_(True)
     n_tok = batch["mask"].sum()
+    kw = {"num_tokens": n_tok, "entropy_coef": 0.01}
     total = sum(
-        grpo_loss(logp[i : i + 2], *(a[i : i + 2] for a in args), 0.2, 0.1, num_tokens=n_tok)[0] for i in range(0, 8, 2)
+        grpo_loss(logp[i : i + 2], *(a[i : i + 2] for a in args), 0.2, 0.1, entropy_BT=ent[i : i + 2], **kw)[0]
+        for i in range(0, 8, 2)
     )
     total.backward()
     assert total.item() == pytest.approx(full.item(), abs=1e-12)

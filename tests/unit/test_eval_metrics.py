@@ -1,5 +1,5 @@
 """Pure helpers of apo_ray.evaluation: the pass@k estimator, aggregation, model-path resolution and
-the reference log-prob alignment (on a tiny random Qwen2, CPU, seconds)."""
+the transformers log-prob alignment and the KL's log-ratios (on tiny random Qwen2s, CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from apo_ray.config import ConfigError
-from apo_ray.evaluation import aggregate, format_table, pass_at_k, reference_logprobs
+from apo_ray.evaluation import aggregate, format_table, kl_log_ratios, pass_at_k, sequence_logprobs
 from apo_ray.model import resolve_eval_model, same_model
 
 
@@ -60,6 +60,18 @@ def test_aggregate_counts_and_means():
     # KL over the two prompts that have one: mean 0.2, sample variance 0.02, stderr sqrt(0.02 / 2) = 0.1
     assert m["kl_to_ref"] == pytest.approx(0.2)
     assert m["kl_to_ref_stderr"] == pytest.approx(0.1)
+
+
+def test_aggregate_reports_the_engine_gap_apart_from_the_kl():
+    recs = [_rec(True, log_ratio=0.1), _rec(False, log_ratio=0.3), _rec(False, log_ratio=None)]
+    recs[0]["engine_gap"], recs[1]["engine_gap"], recs[2]["engine_gap"] = 0.02, -0.04, None
+    m = aggregate(recs, k=1)
+    assert m["kl_to_ref"] == pytest.approx(0.2)  # the gap is not in it
+    assert m["engine_logprob_gap"] == pytest.approx(0.03)  # mean |gap| of the prompts that have one
+    assert aggregate([_rec(True, log_ratio=0.0)], k=1)["engine_logprob_gap"] is None
+    report = {"model": "/m", "reference": "/r", **m, "k": 1, "kl_same_model": False, "seconds": 1.0}
+    table = format_table({**report, "timings": {"engine_start_s": 0.0, "per_prompt_s": 0.01}})
+    assert "KL to ref    0.2" in table and "log-prob gap 0.03, not in the KL" in table
 
 
 def test_aggregate_without_k_or_kl_or_prompts():
@@ -137,7 +149,7 @@ def test_same_model(tmp_path):
 # ---------------------------------------------------------------- reference log-probs
 
 
-def test_reference_logprobs_alignment_and_padding():
+def test_sequence_logprobs_alignment_and_padding():
     """Batched, right-padded sums equal a per-sequence log_softmax over the response slice."""
     torch = pytest.importorskip("torch")
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -155,7 +167,7 @@ def test_reference_logprobs_alignment_and_padding():
     model = Qwen2ForCausalLM(cfg).eval()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
     responses = [[12, 13], [14, 15, 16, 17], [], [18]]
-    got = reference_logprobs(model, prompts, responses)
+    got = sequence_logprobs(model, prompts, responses)
     for p, r, g in zip(prompts, responses, got):
         ids = torch.tensor([p + r])
         with torch.no_grad():
@@ -164,3 +176,41 @@ def test_reference_logprobs_alignment_and_padding():
         assert g == pytest.approx(want, abs=1e-4)
     assert got[2] == 0.0  # empty response
     assert all(math.isfinite(g) and g <= 0 for g in got)
+
+
+def _tiny_qwen2(seed: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_kl_log_ratios_take_both_sides_from_transformers():
+    """The engine's log-probs (here off by a made-up numerical gap) never enter the log-ratio."""
+    pytest.importorskip("torch")
+    policy, ref = _tiny_qwen2(0), _tiny_qwen2(1)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    responses = [[12, 13], [14, 15, 16, 17], []]
+    logp_pi = sequence_logprobs(policy, prompts, responses)
+    logp_ref = sequence_logprobs(ref, prompts, responses)
+    offsets = [0.01, -0.02, 0.0]  # per-token gaps a second engine could add: 0.02, -0.08, 0 per sequence
+    engine = [[lp / max(len(r), 1) + o for _ in r] for lp, r, o in zip(logp_pi, responses, offsets)]
+    ratios, gaps = kl_log_ratios(policy, ref, prompts, responses, engine)
+    assert ratios == pytest.approx([p - r for p, r in zip(logp_pi, logp_ref)], abs=1e-12)
+    assert gaps == pytest.approx([0.02, -0.08, 0.0], abs=1e-5)
+    assert ratios[2] == 0.0  # empty response
+    # the model against a copy of itself (another object, same weights): exactly 0, whatever the engine says
+    twin = _tiny_qwen2(0)
+    ratios, gaps = kl_log_ratios(policy, twin, prompts, responses, engine)
+    assert ratios == [0.0, 0.0, 0.0]
+    assert gaps == pytest.approx([0.02, -0.08, 0.0], abs=1e-5)

@@ -80,6 +80,24 @@ def test_builtin_rewards_pass_the_contract():
     assert checked_reward("math", "math", "\\frac{1}{2}") == "math"
 
 
+def test_stage1_reward_is_checked_under_the_key_that_names_it(tmp_path):
+    """Stage 1 scores with vstar.reward_fn when set (else reward.fn), checked before Ray starts."""
+    from apo_ray import vstar
+    from apo_ray.config import vstar_reward
+
+    model = _model_dir(tmp_path, **QWEN, max_position_embeddings=512)
+    base = ["data.arith.num_train=4", f"model.path={model}", f"vstar.output_dir={tmp_path / 'v'}"]
+    assert vstar_reward(load_config("demo", base)) == ("reward.fn", None)
+    cfg = load_config("demo", [*base, "reward.fn=arith", "vstar.reward_fn=no_such_module_xyz:fn"])
+    assert vstar_reward(cfg) == ("vstar.reward_fn", "no_such_module_xyz:fn")
+    with pytest.raises(
+        ConfigError, match=r"^config key 'vstar.reward_fn': .*cannot import module 'no_such_module_xyz'"
+    ):
+        vstar.run(cfg)
+    with pytest.raises(ConfigError, match=r"^config key 'reward.fn': .*cannot import module 'no_such_module_xyz'"):
+        vstar.run(load_config("demo", [*base, "reward.fn=no_such_module_xyz:fn"]))
+
+
 # ---------------------------------------------------------------- the model, before Ray starts
 
 
@@ -251,6 +269,22 @@ def test_rerun_with_other_maths_is_refused_listing_what_differs(tmp_path):
     # Steps, cadence and loggers may change: that resumes.
     same = to_dict(load_config("demo", ["train.num_steps=800", "train.save_every=10", "train.tensorboard=false"]))
     assert check_resume(same, RunDir(str(tmp_path)), "auto") == 2
+
+
+def test_stage1_reward_is_maths_and_a_run_saved_before_that_key_existed_resumes(tmp_path):
+    import yaml
+
+    from apo_ray.config import to_dict
+
+    _saved_config(tmp_path)
+    _checkpoint(tmp_path, 2, complete=True)
+    with pytest.raises(ConfigError, match=r"vstar.reward_fn None -> 'gsm8k_flexible'"):
+        check_resume(to_dict(load_config("demo", ["vstar.reward_fn=gsm8k_flexible"])), RunDir(str(tmp_path)), "auto")
+    # A config.yaml written before vstar.reward_fn existed: that run scored Stage 1 with reward.fn (the default).
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["vstar"]["reward_fn"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_resume(to_dict(load_config("demo")), RunDir(str(tmp_path)), "auto") == 2
 
 
 def test_resume_modes(tmp_path):

@@ -10,8 +10,12 @@ from apo_ray.rewards import (
     arith_reward,
     extract_boxed,
     extract_gsm8k_answer,
+    extract_gsm8k_flexible,
+    extract_gsm8k_strict,
     get_reward_fn,
+    gsm8k_flexible_reward,
     gsm8k_reward,
+    gsm8k_strict_reward,
     math_reward,
     normalize_math,
     parse_math_number,
@@ -116,6 +120,70 @@ def test_gsm8k_incorrect(completion: str, answer: str) -> None:
 def test_gsm8k_reference_without_number_raises() -> None:
     with pytest.raises(ValueError, match="gsm8k: reference answer has no number"):
         gsm8k_reward("#### 1", "#### none")
+
+
+# ---------------------------------------------------------------- gsm8k: the official code's two rewards
+# verl/utils/reward_score/gsm8k.py of the A*-PO code: strict (online) = the first "#### N", flexible
+# (offline V*) = the last number; both compare the extracted text with the reference as strings.
+
+
+@pytest.mark.parametrize(
+    "text, strict, flexible",
+    [
+        ("#### 72", "72", "72"),
+        ("so the total is 72", None, "72"),  # strict needs the marker
+        ("The answer is 72.", None, "72."),  # flexible keeps the sentence's full stop
+        ("#### 72.", "72.", "72."),
+        ("#### 1,000", "1000", "1,000"),  # strict drops commas, flexible does not
+        ("#### 18 then #### 20", "18", "20"),  # strict: the FIRST marker; flexible: the last number
+        ("####72", None, "72"),  # strict wants one space after the marker
+        ("#### $5", None, "5"),  # "$" is not in the official character class
+        ("3-4", None, "-4"),  # the official pattern reads the hyphen as a sign
+        ("#### abc #### 7", "7", "7"),
+        ("end with a dot .", None, None),  # "." alone is not a number
+        ("no numbers", None, None),
+        ("", None, None),
+        (GSM8K_SOLUTION, "72", "72"),
+    ],
+)
+def test_official_gsm8k_extractors(text: str, strict: str | None, flexible: str | None) -> None:
+    assert extract_gsm8k_strict(text) == strict
+    assert extract_gsm8k_flexible(text) == flexible
+
+
+@pytest.mark.parametrize(
+    "completion, answer, ours, strict, flexible",
+    [
+        ("#### 72", "72", 1.0, 1.0, 1.0),
+        ("Reasoning ... #### 72", GSM8K_SOLUTION, 1.0, 1.0, 1.0),
+        ("She sold 72 clips", "72", 1.0, 0.0, 1.0),
+        ("She sold 72 clips.", "72", 1.0, 0.0, 1.0),  # a "." alone is skipped
+        ("She sold 72.", "72", 1.0, 0.0, 0.0),  # "72." is not "72" as text
+        ("#### 72.", "72", 1.0, 0.0, 0.0),
+        ("#### 72.0", "72", 1.0, 0.0, 0.0),
+        ("#### 1,000", "1000", 1.0, 1.0, 0.0),
+        ("#### 1,000", "1,000", 1.0, 1.0, 0.0),  # the reference's commas are dropped too
+        ("#### 1000", "#### 1,000", 1.0, 1.0, 1.0),
+        ("#### 72 and then 73", "72", 1.0, 1.0, 0.0),
+        ("#### 71 #### 72", "72", 1.0, 0.0, 1.0),  # ours and flexible read the end, strict the start
+        ("#### -3", "-3", 1.0, 1.0, 1.0),
+        ("#### 3", "-3", 0.0, 0.0, 0.0),
+        ("", "72", 0.0, 0.0, 0.0),
+    ],
+)
+def test_official_gsm8k_rewards_beside_ours(completion, answer, ours, strict, flexible) -> None:
+    assert gsm8k_reward(completion, answer) == ours
+    assert gsm8k_strict_reward(completion, answer) == strict
+    assert gsm8k_flexible_reward(completion, answer) == flexible
+    assert get_reward_fn("gsm8k_strict") is gsm8k_strict_reward
+    assert get_reward_fn("gsm8k_flexible") is gsm8k_flexible_reward
+
+
+@pytest.mark.parametrize("answer", ["#### none", "seventy-two", "", "$5", "+5"])
+def test_official_gsm8k_reference_that_is_not_a_number_raises(answer: str) -> None:
+    for fn in (gsm8k_strict_reward, gsm8k_flexible_reward):
+        with pytest.raises(ValueError, match="gsm8k \\(official\\): reference answer is not a number"):
+            fn("#### 1", answer)
 
 
 # ---------------------------------------------------------------- math: extraction
@@ -352,7 +420,10 @@ def test_custom_reward_fn() -> None:
         ("gsm8", r"unknown reward fn 'gsm8'.*gsm8k, math, arith.*did you mean 'gsm8k'\?"),
         ("MATH", r"did you mean 'math'\?"),
         ("arithmetic", r"did you mean 'arith'\?"),
-        ("zzz", r"unknown reward fn 'zzz': built-in rewards are gsm8k, math, arith, or give your own"),
+        (
+            "zzz",
+            r"unknown reward fn 'zzz': built-in rewards are gsm8k, math, arith, gsm8k_strict, gsm8k_flexible, or give your own",
+        ),
         ("", "non-empty string"),
         ("no_such_module_xyz:fn", r"reward fn 'no_such_module_xyz:fn': cannot import module 'no_such_module_xyz'"),
         (f"{__name__}:missing", rf"reward fn '{__name__}:missing': '{__name__}' has no attribute 'missing'"),

@@ -13,7 +13,15 @@ import time
 
 import pytest
 
-from apo_ray.rewards import extract_boxed, extract_gsm8k_answer, get_reward_fn, normalize_math, parse_math_number
+from apo_ray.rewards import (
+    extract_boxed,
+    extract_gsm8k_answer,
+    extract_gsm8k_flexible,
+    extract_gsm8k_strict,
+    get_reward_fn,
+    normalize_math,
+    parse_math_number,
+)
 
 MAX_CHARS = 100_000
 TIME_LIMIT_S = 0.5
@@ -93,7 +101,13 @@ HOSTILE = {
     "empty": "",
 }
 
-REFERENCES = {"gsm8k": ["72", "#### 1,000"], "math": ["\\frac{1}{2}", "$\\boxed{5}$"], "arith": ["82", "-7"]}
+REFERENCES = {
+    "gsm8k": ["72", "#### 1,000"],
+    "gsm8k_strict": ["72", "#### 1,000"],
+    "gsm8k_flexible": ["72", "#### 1,000"],
+    "math": ["\\frac{1}{2}", "$\\boxed{5}$"],
+    "arith": ["82", "-7"],
+}
 CASES = [(task, ref) for task, refs in REFERENCES.items() for ref in refs]
 
 
@@ -119,6 +133,8 @@ def test_helpers_on_hostile_text(name: str) -> None:
     text = HOSTILE[name]
     start = time.perf_counter()
     extract_gsm8k_answer(text)
+    extract_gsm8k_strict(text)
+    extract_gsm8k_flexible(text)
     boxed = extract_boxed(text)
     normalize_math(text)
     parse_math_number(text)
@@ -129,6 +145,8 @@ def test_helpers_on_hostile_text(name: str) -> None:
 
 def test_answer_still_found_after_hostile_prefix() -> None:
     assert get_reward_fn("gsm8k")(HOSTILE["digits_then_answer"], "72") == 1.0
+    assert get_reward_fn("gsm8k_strict")(HOSTILE["digits_then_answer"], "72") == 1.0
+    assert get_reward_fn("gsm8k_flexible")(HOSTILE["digits_then_answer"], "72") == 1.0
     assert get_reward_fn("math")("\\boxed{" * 1000 + "\\boxed{\\frac12}", "0.5") == 1.0
     assert get_reward_fn("math")("\\boxed{5}" + "}" * 50_000, "5") == 1.0
     assert get_reward_fn("arith")("82\n" + "\\boxed{" * 10_000, "82") == 1.0
