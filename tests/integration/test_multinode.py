@@ -154,7 +154,7 @@ def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster
     """SIGKILL the node of one learner after a checkpoint; a replacement node joins; Ray Train
     restarts the group (train.max_failures=1) from the last complete checkpoint: every step once."""
     out, prefix = f"s3://{BUCKET}/mn/lost-train", f"{BUCKET}/mn/lost-train"
-    job = cluster.submit(*_stage2(tiny_model_dir, out, "train.num_steps=16", "train.max_failures=1"))
+    job = cluster.submit(*_stage2(tiny_model_dir, out, "train.num_steps=24", "train.max_failures=1"))
     fs = bucket_fs(s3)
     deadline = time.time() + 400
     while time.time() < deadline and not fs.get_file_info(f"{prefix}/ray/step_000004/.apo_complete").is_file:
@@ -164,7 +164,7 @@ def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster
     cluster.add_worker(2)
     logs = _succeeded(cluster, job, timeout_s=900)
     rows = parse_metrics(read_text(fs, f"{prefix}/metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(1, 17)), "every step once, none repeated"
+    assert [r["step"] for r in rows] == list(range(1, 25)), "every step once, none repeated"
     assert re.search(r"resumed from step (\d+)", logs), logs[-4000:]
 
 
