@@ -156,16 +156,28 @@ def test_stage2_restarts_from_its_checkpoint_when_a_learner_node_is_lost(cluster
     out, prefix = f"s3://{BUCKET}/mn/lost-train", f"{BUCKET}/mn/lost-train"
     job = cluster.submit(*_stage2(tiny_model_dir, out, "train.num_steps=24", "train.max_failures=1"))
     fs = bucket_fs(s3)
-    deadline = time.time() + 400
-    while time.time() < deadline and not fs.get_file_info(f"{prefix}/ray/step_000004/.apo_complete").is_file:
-        assert not re.search(r"failed|succeeded", cluster.status(job), re.IGNORECASE), cluster.logs_of(job)[-4000:]
-        time.sleep(0.5)
+    deadline, checked = time.time() + 400, time.time()
+    while _last_complete_step(fs, prefix) < 4:  # (train.keep_checkpoints=2: older ones are deleted)
+        assert time.time() < deadline, "no checkpoint at step 4 or later in time"
+        if time.time() - checked > 10:
+            checked = time.time()
+            assert not re.search(r"failed|succeeded", cluster.status(job), re.IGNORECASE), cluster.logs_of(job)[-4000:]
+        time.sleep(0.3)
     cluster.kill(cluster.workers[-1])  # each worker node holds one learner: this is one of them
     cluster.add_worker(2)
     logs = _succeeded(cluster, job, timeout_s=900)
     rows = parse_metrics(read_text(fs, f"{prefix}/metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, 25)), "every step once, none repeated"
     assert re.search(r"resumed from step (\d+)", logs), logs[-4000:]
+
+
+def _last_complete_step(fs, prefix: str) -> int:
+    steps = [
+        int(i.base_name[5:])
+        for i in fs.get_file_info(_selector(f"{prefix}/ray"))
+        if i.base_name.startswith("step_") and fs.get_file_info(f"{i.path}/.apo_complete").is_file
+    ]
+    return max(steps, default=0)
 
 
 def _selector(path: str):
