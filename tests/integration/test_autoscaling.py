@@ -2,7 +2,7 @@
 autoscaler tests use) starts worker nodes on this machine as the actor pool asks for them, and
 stops them after the idle timeout.
 
-The head has 1 CPU (the job's driver); the worker node type has 2 CPUs and starts at 0 nodes, so
+The head has no CPU (the job's driver needs none); the worker node type has 2 CPUs and starts at 0 nodes, so
 every engine actor (2 CPUs) needs a node the autoscaler adds. The test prints the timeline of
 nodes and pool actors.
 """
@@ -62,10 +62,10 @@ def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscali
         "demo",
         f"model.path={tiny_model_dir}",
         f"vstar.output_dir={out}",
-        "data.arith.num_train=3072",
+        "data.arith.num_train=4096",
         "vstar.shard_size=32",
         "vstar.batch_size=32",
-        "vstar.num_samples=8",
+        "vstar.num_samples=16",
         "vstar.min_actors=1",
         "vstar.max_actors=3",
         "resources.cpus_per_actor=2",
@@ -84,7 +84,7 @@ def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscali
     for row in timeline[:: max(1, len(timeline) // 60)]:
         print(*row)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sum(pq.read_table(out / n).num_rows for n in manifest["shards"]) == 3072
+    assert sum(pq.read_table(out / n).num_rows for n in manifest["shards"]) == 4096
     during = timeline[:done_at]
     assert max(n for _, n, _ in during) >= 2, "the autoscaler added nodes for the pool"
     assert max(a for _, _, a in during) >= 2, "the pool grew past its minimum of 1"
