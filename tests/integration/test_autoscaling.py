@@ -23,7 +23,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def autoscaling_cluster(tmp_path):
-    c = RayCluster(tmp_path, head_cpus=1)
+    # The head has no CPU: the job's driver needs none, and Ray Data asks for nodes when the cluster's
+    # CPUs are >= 75 % in use (an idle head CPU would keep a one-node pool below that).
+    c = RayCluster(tmp_path, head_cpus=0)
+    # Ray Data's cluster autoscaler averages utilisation over 10 s and asks at most every 10 s;
+    # shortened for the test, as AUTOSCALER_UPDATE_INTERVAL_S is for Ray's own autoscaler.
+    c.runtime_env = {
+        "env_vars": {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
+    }
     try:
         c.start_head(
             autoscaling={"cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3}}
