@@ -10,12 +10,14 @@ nodes and pool actors.
 from __future__ import annotations
 
 import json
-import re
+import subprocess
+import sys
 import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
+from itest_utils import REPO
 from ray_cluster import RayCluster
 
 pytestmark = pytest.mark.integration
@@ -26,11 +28,6 @@ def autoscaling_cluster(tmp_path):
     # The head has no CPU: the job's driver needs none, and Ray Data asks for nodes when the cluster's
     # CPUs are >= 75 % in use (an idle head CPU would keep a one-node pool below that).
     c = RayCluster(tmp_path, head_cpus=0)
-    # Ray Data's cluster autoscaler averages utilisation over 10 s and asks at most every 10 s;
-    # shortened for the test, as AUTOSCALER_UPDATE_INTERVAL_S is for Ray's own autoscaler.
-    c.runtime_env = {
-        "env_vars": {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
-    }
     try:
         c.start_head(
             autoscaling={"cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3}}
@@ -63,28 +60,51 @@ def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscali
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     out = tmp_path / "vstar"
-    job = c.submit(
-        "jobs/vstar.py",
-        "--config",
-        "demo",
-        f"model.path={tiny_model_dir}",
-        f"vstar.output_dir={out}",
-        "data.arith.num_train=4096",
-        "vstar.shard_size=32",
-        "vstar.batch_size=32",
-        "vstar.num_samples=16",
-        "vstar.min_actors=1",
-        "vstar.max_actors=3",
-        "resources.cpus_per_actor=2",
+    # The driver runs on the head as `python jobs/vstar.py` with RAY_ADDRESS, not through
+    # `ray job submit --working-dir`: on one machine every node shares the session's
+    # runtime_resources directory, and a node that no longer uses the job's working_dir package
+    # (its actors exited; here, a node released by the autoscaler) deletes it from under the
+    # others. Ray Data's cluster autoscaler (in the driver) averages utilisation over 10 s and
+    # asks at most every 10 s: shortened for the test, as AUTOSCALER_UPDATE_INTERVAL_S is.
+    env = {
+        **c.env,
+        "RAY_ADDRESS": c.gcs,
+        "RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2",
+        "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2",
+    }
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "jobs/vstar.py",
+            "--config",
+            "demo",
+            f"model.path={tiny_model_dir}",
+            f"vstar.output_dir={out}",
+            "data.arith.num_train=4096",
+            "vstar.shard_size=32",
+            "vstar.batch_size=32",
+            "vstar.num_samples=16",
+            "vstar.min_actors=1",
+            "vstar.max_actors=3",
+            "resources.cpus_per_actor=2",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
-        status, logs = c.wait(job, 600)
-        assert re.search(r"succeeded", status, re.IGNORECASE), f"{status}\n{logs[-5000:]}"
+        logs, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, logs[-5000:]
+        assert "Stage 1 done: 4096 rows" in logs
         done_at = len(timeline)
         deadline = time.time() + 180  # idle_timeout_minutes=0.25: the nodes go ~15 s after their actors
         while time.time() < deadline and len(c.alive_nodes()) > 1:
             time.sleep(2)
     finally:
+        if driver.poll() is None:
+            driver.kill()
         stop.set()
         watcher.join(timeout=30)
     print("\nseconds, worker nodes, pool actors:")
