@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -v -ra tests
+	$(BIN)/python -m pytest -v -ra --durations=25 tests
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
