@@ -98,7 +98,6 @@ def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscali
         logs, _ = driver.communicate(timeout=600)
         assert driver.returncode == 0, logs[-5000:]
         assert "Stage 1 done: 4096 rows" in logs
-        done_at = len(timeline)
         deadline = time.time() + 180  # idle_timeout_minutes=0.25: the nodes go ~15 s after their actors
         while time.time() < deadline and len(c.alive_nodes()) > 1:
             time.sleep(2)
@@ -112,8 +111,9 @@ def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscali
         print(*row)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(pq.read_table(out / n).num_rows for n in manifest["shards"]) == 4096
-    during = timeline[:done_at]
-    assert max(n for _, n, _ in during) >= 2, "the autoscaler added nodes for the pool"
-    assert max(a for _, _, a in during) >= 2, "the pool grew past its minimum of 1"
-    assert len(manifest["nodes"]) >= 2, "more than one added node did the work"
+    # Each engine actor takes a whole added node (2 CPUs; the head has none), so shards written on
+    # two or more nodes mean the pool grew past its minimum of 1 onto nodes the autoscaler added.
+    # (The timeline above samples through `ray list` every few seconds: a report, not a proof.)
+    head = next(n["node_id"] for n in c.alive_nodes() if n["is_head_node"])
+    assert len(manifest["nodes"]) >= 2 and head not in manifest["nodes"], manifest["nodes"]
     assert len(c.alive_nodes()) == 1, "the added nodes were released after the idle timeout"
