@@ -113,15 +113,21 @@ def engine_actor_options(device: str, tensor_parallel_size: int, cpus_per_actor:
 # ---------------------------------------------------------------- actor pools (Stage 1, eval)
 
 
+def pool_resources(cfg: Config, device: str, min_actors: int) -> dict[str, float]:
+    """Ray resources of the smallest actor pool: `min_actors` engine actors."""
+    opts = engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor)
+    need = {"CPU": float(min_actors * opts["num_cpus"])}
+    if "num_gpus" in opts:
+        need["GPU"] = float(min_actors * opts["num_gpus"])
+    return need
+
+
 def check_pool_fits(cfg: Config, device: str, min_actors: int, key: str) -> None:
     """The smallest actor pool (`min_actors` engines) must fit on a fixed-size Ray (`runtime.check_fits`)."""
     from apo_ray.runtime import check_fits
 
     opts = engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor)
-    need = {"CPU": min_actors * opts["num_cpus"]}
-    if "num_gpus" in opts:
-        need["GPU"] = float(min_actors * opts["num_gpus"])
-    check_fits(need, key, f"{min_actors} engine actor(s) of {opts}")
+    check_fits(pool_resources(cfg, device, min_actors), key, f"{min_actors} engine actor(s) of {opts}")
 
 
 def pool_item(rows: Sequence[dict], **extra: Any) -> dict:
