@@ -184,7 +184,7 @@ def fan_out(
     )
     done = tokens = 0
     t0 = last = time.time()
-    rows = iter(results.iter_rows())
+    rows = _rows_as_they_come(results)
     while True:
         try:
             row = next(rows)
@@ -207,6 +207,19 @@ def fan_out(
                 "%s progress: %d/%d prompts (%.1f%%), %s", label, done, total_prompts, 100 * done / total_prompts, rate
             )
         yield row
+
+
+def _rows_as_they_come(ds) -> Iterator[dict]:
+    """The rows of `ds` (as `iter_rows` gives them), each as soon as its block is done.
+
+    `Dataset.iter_rows` prefetches one block: it hands a block over only once the next one is
+    done (or the dataset ends), so a Stage 1 shard would reach the pipeline's stream a whole shard
+    late. Without prefetching, each item's row comes back when its actor call returns.
+    """
+    from ray.data.block import BlockAccessor
+
+    for batch in ds.iter_batches(batch_size=None, batch_format=None, prefetch_batches=0):
+        yield from BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).iter_rows(public_row_format=True)
 
 
 # ---------------------------------------------------------------- Stage 2 rollout replicas
