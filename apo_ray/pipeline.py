@@ -83,6 +83,29 @@ def pipeline_resources(cfg: Config, device: str, with_stage1: bool) -> dict[str,
     return add_resources(stage1, stage2_resources(cfg, device))
 
 
+def check_resources(cfg: Config, device: str, with_stage1: bool) -> None:
+    """Both stages must fit on this fixed-size Ray at once (`runtime.check_fits`), naming the keys."""
+    check_fits(
+        pipeline_resources(cfg, device, with_stage1),
+        ("vstar.min_actors", "train.num_learners"),
+        f"Stage 1's {cfg.vstar.min_actors} engine actor(s) and Stage 2's {cfg.train.num_learners} learner(s) "
+        "with their rollout replicas, which the pipeline runs at once (lower them or resources.cpus_per_actor, "
+        "raise resources.num_cpus, or run jobs/vstar.py then jobs/train.py)",
+    )
+
+
+def _start_feed():
+    """The `PromptFeed` actor, on the driver's node (its clock is the driver's: the timeline compares them)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from apo_ray.train.feed import PromptFeed
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    name = f"apo-ray-feed-{uuid.uuid4().hex[:12]}"
+    return ray.remote(PromptFeed).options(num_cpus=0, name=name, scheduling_strategy=here).remote()
+
+
 class _Background(threading.Thread):
     """Runs fn(*args) and keeps its result or exception."""
 
@@ -107,11 +130,9 @@ def run(cfg: Config) -> dict:
     """Run Stage 1 then Stage 2 (see the module doc); returns {"stage1": manifest, "stage2": summary,
     "timeline": seconds since the start of: Stage 1 done, Stage 2 ready, its first step, ...}."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from apo_ray.train import loop as stage2
     from apo_ray.train.data import load_train_prompts
-    from apo_ray.train.feed import PromptFeed
     from apo_ray.vstar import pipeline as stage1
 
     t0 = time.time()
@@ -125,21 +146,9 @@ def run(cfg: Config) -> dict:
     try:
         stage1.open_job(s1, device)
         if fixed_size:
-            check_fits(
-                pipeline_resources(cfg, device, s1.reused is None),
-                ("vstar.min_actors", "train.num_learners"),
-                f"Stage 1's {cfg.vstar.min_actors} engine actor(s) and Stage 2's {cfg.train.num_learners} learner(s) "
-                "with their rollout replicas, which the pipeline runs at once (lower them or resources.cpus_per_actor, "
-                "raise resources.num_cpus, or run jobs/vstar.py then jobs/train.py)",
-            )
+            check_resources(cfg, device, with_stage1=s1.reused is None)
         stage2.open_job(s2, device, None)
-        # On the driver's node: its clock is the driver's, and the timeline compares them.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        feed = (
-            ray.remote(PromptFeed)
-            .options(num_cpus=0, name=f"apo-ray-feed-{uuid.uuid4().hex[:12]}", scheduling_strategy=here)
-            .remote()
-        )
+        feed = _start_feed()
         trainer = stage2.make_trainer(s2, {"feed": feed, "stream": cfg.pipeline.stream})
         runner = _Background(stage2.fit, s2, trainer)
         runner.start()
@@ -150,7 +159,7 @@ def run(cfg: Config) -> dict:
             t_stage1 = time.time()
             prompts = load_train_prompts(cfg, s2.model_path)  # what jobs/train.py would train on, checked
         except BaseException as e:
-            ray.get(feed.fail.remote(f"Stage 1 failed: {type(e).__name__}: {e}"))
+            ray.get(feed.fail.remote(f"the pipeline stopped: {type(e).__name__}: {e}"))
             runner.join(JOIN_TIMEOUT_S)
             if isinstance(e, _Stage2Failed):
                 raise runner.error from None

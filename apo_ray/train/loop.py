@@ -13,6 +13,10 @@ Outputs in train.output_dir (a local path or a bucket URI, `train.output`): conf
 metrics.jsonl, tensorboard/, ray/ (Ray Train checkpoints, see `train.checkpoint`), final/
 (HF model), summary.json. Re-running the same command continues from the last checkpoint.
 Learners on more than one node need a bucket URI or a shared mount (`train.output.check_shared`).
+
+`run` is a sequence of phases (`check`, `check_reward`, `open_job`, `make_trainer`, `fit`) that
+`apo_ray.pipeline` also drives, starting the trainer while Stage 1 still runs and handing the
+workers the prompts through a feed (`train.feed`) instead of up front.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ the same rule as Stage 2); the manifest records it as `reward_fn` and Stage 2 ch
 own config. The GSM8K paper configs score Stage 1 with the official code's looser "gsm8k_flexible"
 and Stage 2 with its "gsm8k_strict", as the paper's code did. We do not use `ray.data.llm` because
 its vLLM stage keeps only the first completion when n > 1.
+
+`run` is a sequence of phases (`check`, `open_job`, `sample`, `close`) that `apo_ray.pipeline` also
+drives, running Stage 2's start-up between them and watching each shard land (`sample`'s on_shard).
 """
 
 from __future__ import annotations
