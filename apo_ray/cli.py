@@ -2,6 +2,7 @@
 
     apo-ray vstar --config demo vstar.num_samples=4      # Stage 1
     apo-ray train --config demo train.num_steps=20       # Stage 2
+    apo-ray pipeline --config demo [pipeline.stream=true] # Stage 1 then Stage 2 in one driver
     apo-ray eval  --config demo eval.model_path=runs/demo/train/final
     apo-ray demo  --config demo                          # the whole pipeline on this machine
     apo-ray make-tiny-model OUT [--no-sft]
@@ -25,6 +26,7 @@ from apo_ray.errors import ApoRayError, user_error
 JOBS = {
     "vstar": ("apo_ray.vstar", "Stage 1: sample the reference policy, write V* shards"),
     "train": ("apo_ray.train", "Stage 2: A*-PO (or GRPO) with Ray Train + DeepSpeed + vLLM"),
+    "pipeline": ("apo_ray.pipeline", "Stage 1 then Stage 2 in one driver, Stage 2 starting up while Stage 1 runs"),
     "eval": ("apo_ray.evaluation", "Evaluate a model: greedy accuracy, pass@k, KL to the reference"),
     "demo": ("apo_ray.demo", "The whole pipeline on this machine, with a report"),
 }

@@ -1,8 +1,8 @@
 """Typed configuration for every apo-ray job.
 
 One schema (omegaconf structured dataclasses) for Stage 1 (`vstar`), Stage 2
-(`train`) and evaluation. A job loads defaults, merges a YAML file (a shipped
-name such as ``demo`` or a path), then a command-line dotlist
+(`train`), both in one driver (`pipeline`) and evaluation. A job loads defaults,
+merges a YAML file (a shipped name such as ``demo`` or a path), then a command-line dotlist
 (``train.lr=1e-5``), and validates the result with errors that name the key.
 
 A YAML file may start from shipped config parts: a top-level ``defaults:`` list of names
@@ -191,6 +191,15 @@ class TrainConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """jobs/pipeline.py: Stage 1 then Stage 2 in one driver, Stage 2 starting up while Stage 1 runs."""
+
+    # true: Stage 2 starts training on the first complete V* shards; until Stage 1 ends, each step
+    # draws from the prompts whose V* exists so far (this changes the data order: see the README).
+    stream: bool = False
+
+
+@dataclass
 class EvalConfig:
     output_dir: str = "runs/eval"
     model_path: Optional[str] = None  # None: model.path
@@ -223,6 +232,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     vstar: VStarConfig = field(default_factory=VStarConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 

@@ -113,15 +113,21 @@ def engine_actor_options(device: str, tensor_parallel_size: int, cpus_per_actor:
 # ---------------------------------------------------------------- actor pools (Stage 1, eval)
 
 
+def pool_resources(cfg: Config, device: str, min_actors: int) -> dict[str, float]:
+    """Ray resources of the smallest actor pool: `min_actors` engine actors."""
+    opts = engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor)
+    need = {"CPU": float(min_actors * opts["num_cpus"])}
+    if "num_gpus" in opts:
+        need["GPU"] = float(min_actors * opts["num_gpus"])
+    return need
+
+
 def check_pool_fits(cfg: Config, device: str, min_actors: int, key: str) -> None:
     """The smallest actor pool (`min_actors` engines) must fit on a fixed-size Ray (`runtime.check_fits`)."""
     from apo_ray.runtime import check_fits
 
     opts = engine_actor_options(device, cfg.engine.tensor_parallel_size, cfg.resources.cpus_per_actor)
-    need = {"CPU": min_actors * opts["num_cpus"]}
-    if "num_gpus" in opts:
-        need["GPU"] = float(min_actors * opts["num_gpus"])
-    check_fits(need, key, f"{min_actors} engine actor(s) of {opts}")
+    check_fits(pool_resources(cfg, device, min_actors), key, f"{min_actors} engine actor(s) of {opts}")
 
 
 def pool_item(rows: Sequence[dict], **extra: Any) -> dict:
@@ -178,7 +184,7 @@ def fan_out(
     )
     done = tokens = 0
     t0 = last = time.time()
-    rows = iter(results.iter_rows())
+    rows = _rows_as_they_come(results)
     while True:
         try:
             row = next(rows)
@@ -201,6 +207,19 @@ def fan_out(
                 "%s progress: %d/%d prompts (%.1f%%), %s", label, done, total_prompts, 100 * done / total_prompts, rate
             )
         yield row
+
+
+def _rows_as_they_come(ds) -> Iterator[dict]:
+    """The rows of `ds` (as `iter_rows` gives them), each as soon as its block is done.
+
+    `Dataset.iter_rows` prefetches one block: it hands a block over only once the next one is
+    done (or the dataset ends), so a Stage 1 shard would reach the pipeline's stream a whole shard
+    late. Without prefetching, each item's row comes back when its actor call returns.
+    """
+    from ray.data.block import BlockAccessor
+
+    for batch in ds.iter_batches(batch_size=None, batch_format=None, prefetch_batches=0):
+        yield from BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).iter_rows(public_row_format=True)
 
 
 # ---------------------------------------------------------------- Stage 2 rollout replicas

@@ -66,32 +66,40 @@ def worker_env(cfg: Config, device: str) -> dict[str, str]:
     return env
 
 
+_started: dict[str, str] = {}  # the Ray this process connected to or started: {gcs address: "cluster" | "local"}
+
+
 def init_ray(res: ResourcesConfig) -> str:
     """Connect to a cluster (resources.address or $RAY_ADDRESS, which `ray job submit` sets)
-    or start an embedded local Ray. Returns "existing", "cluster" or "local"."""
+    or start an embedded local Ray. Returns "cluster", "local", or "existing" (a Ray someone
+    else started in this process, e.g. a test's). A second call answers as the first did, so
+    a driver that runs several stages (the demo, the pipeline) sees a cluster as a cluster."""
     import ray
 
     if ray.is_initialized():
-        return "existing"
+        return _started.get(ray.get_runtime_context().gcs_address, "existing")
     address = res.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return "cluster"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # "local" always starts a fresh embedded Ray: a bare ray.init() would instead try to join
-    # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
-    ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
-    return "local"
+        mode = "cluster"
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # "local" always starts a fresh embedded Ray: a bare ray.init() would instead try to join
+        # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
+        ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
+        mode = "local"
+    _started[ray.get_runtime_context().gcs_address] = mode
+    return mode
 
 
-def check_fits(need: dict[str, float], key: str, what: str) -> None:
+def check_fits(need: dict[str, float], key: str | tuple[str, ...], what: str) -> None:
     """Refuse, on a Ray of fixed size, a demand it can never schedule (instead of waiting forever).
 
     Call after `init_ray` returned "local" or "existing": a cluster reached by address may
     autoscale, so there a demand beyond today's nodes is not an error.
 
     Raises:
-        ConfigError: naming `key`, with what is needed and what exists.
+        ConfigError: naming `key` (or each of several keys), with what is needed and what exists.
     """
     import ray
 
@@ -99,7 +107,17 @@ def check_fits(need: dict[str, float], key: str, what: str) -> None:
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0)}
     if short:
         detail = ", ".join(f"{v:g} {k} needed, {h:g} exist" for k, (v, h) in short.items())
-        raise ConfigError(f"config key '{key}': {what} cannot fit on this Ray ({detail})")
+        keys = f"config key '{key}'" if isinstance(key, str) else "config keys " + ", ".join(f"'{k}'" for k in key)
+        raise ConfigError(f"{keys}: {what} cannot fit on this Ray ({detail})")
+
+
+def add_resources(*needs: dict[str, float]) -> dict[str, float]:
+    """The sum of several resource demands ({"CPU": 2, "GPU": 1} + {"CPU": 1} -> {"CPU": 3, "GPU": 1})."""
+    out: dict[str, float] = {}
+    for need in needs:
+        for k, v in need.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 def resolve_device(res: ResourcesConfig) -> str:

@@ -14,6 +14,10 @@ The order of prompts is a pure function of (seed, step): epoch e is a permutatio
 seeded by (seed, e), and step t takes rows [t*B, (t+1)*B) of the concatenated
 epochs. So the data position in a checkpoint is just the step number, and a resumed
 run neither repeats nor skips data.
+
+The pipeline's stream (`pipeline.stream`, `apo_ray.pipeline`) starts Stage 2 while Stage 1 is
+still writing: until every V* exists, a step draws `stream_batch_indices` from the prompts whose
+shards have landed; from then on it takes `batch_indices` over the whole set, as above.
 """
 
 from __future__ import annotations
@@ -39,6 +43,44 @@ class TrainPrompt:
     vstar: float
 
 
+class VStarReader:
+    """Reads Stage 1's shards of one directory, one at a time, checking each row (`_check_vstar`) and
+    that no prompt id is in two shards: `read_vstar` reads all of them, the pipeline's stream
+    (`apo_ray.pipeline`) each as soon as Stage 1 has written it."""
+
+    def __init__(self, vstar_dir: str):
+        self.fs, self.root = get_fs(vstar_dir)
+        self.where = vstar_dir.rstrip("/")
+        self.shard_of: dict[str, str] = {}
+
+    def read(self, name: str) -> dict[str, float]:
+        """{prompt_id: V*} of shard `name`.
+
+        Raises:
+            DataError: naming the file (and prompt id), as `read_vstar`.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(f"{self.root}/{name}", filesystem=self.fs)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"V* shard {self.where}/{name} cannot be read ({e}); rerunning Stage 1 with the same command "
+                "redoes missing shards (delete a corrupt one first)"
+            ) from None
+        shard = f"{self.where}/{name}"
+        rewards = table.column("rewards").to_pylist() if "rewards" in table.column_names else None
+        values: dict[str, float] = {}
+        for k, (pid, v) in enumerate(zip(table.column("prompt_id").to_pylist(), table.column("vstar").to_pylist())):
+            _check_vstar(pid, v, rewards[k] if rewards is not None else None, shard)
+            if pid in self.shard_of or pid in values:
+                raise DataError(f"prompt {pid!r} has V* rows in both {self.shard_of.get(pid, shard)} and {shard}")
+            values[pid] = float(v)
+        self.shard_of.update(dict.fromkeys(values, shard))
+        return values
+
+
 def read_vstar(vstar_dir: str) -> tuple[dict[str, float], dict]:
     """Read and check all shards of a Stage 1 output: ({prompt_id: vstar}, manifest).
 
@@ -48,11 +90,8 @@ def read_vstar(vstar_dir: str) -> tuple[dict[str, float], dict]:
             is not finite or lies outside the range of its prompt's rewards (V* is a log-mean-exp
             of them), non-finite rewards, or a prompt id in two shards.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, root = get_fs(vstar_dir)
-    where = vstar_dir.rstrip("/")
+    reader = VStarReader(vstar_dir)
+    fs, root, where = reader.fs, reader.root, reader.where
     if not fs_exists(fs, f"{root}/manifest.json"):
         raise ConfigError(
             f"config key 'train.vstar_dir': {vstar_dir!r} has no manifest.json; run Stage 1 first "
@@ -66,21 +105,8 @@ def read_vstar(vstar_dir: str) -> tuple[dict[str, float], dict]:
             f"{where}/manifest.json is not a Stage 1 manifest ({type(e).__name__}: {e}); rerun Stage 1"
         ) from None
     values: dict[str, float] = {}
-    shard_of: dict[str, str] = {}
     for name in shards:
-        try:
-            table = pq.read_table(f"{root}/{name}", filesystem=fs)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(
-                f"V* shard {where}/{name} cannot be read ({e}); rerunning Stage 1 with the same command "
-                "redoes missing shards (delete a corrupt one first)"
-            ) from None
-        rewards = table.column("rewards").to_pylist() if "rewards" in table.column_names else None
-        for k, (pid, v) in enumerate(zip(table.column("prompt_id").to_pylist(), table.column("vstar").to_pylist())):
-            _check_vstar(pid, v, rewards[k] if rewards is not None else None, f"{where}/{name}")
-            if pid in shard_of:
-                raise DataError(f"prompt {pid!r} has V* rows in both {shard_of[pid]} and {where}/{name}")
-            values[pid], shard_of[pid] = float(v), f"{where}/{name}"
+        values.update(reader.read(name))
     return values, manifest
 
 
@@ -222,3 +248,17 @@ def batch_indices(num_prompts: int, batch_size: int, step: int, seed: int) -> li
         out.extend(int(i) for i in perm[offset : offset + take])
         pos += take
     return out
+
+
+def stream_batch_indices(num_available: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the prompts of `step` (0-based) while Stage 1 is still writing V* (the pipeline's
+    stream): `batch_size` distinct prompts drawn uniformly from the first `num_available` (those
+    whose V* exists, in the order their shards landed), a pure function of (seed, step, num_available).
+
+    Unlike `batch_indices` this is not epoch-wise: a prompt may come back in the next step while
+    another waits; once every V* exists, steps use `batch_indices` over the whole set.
+    """
+    if num_available < batch_size:
+        raise ValueError(f"{num_available} prompts with V* cannot fill a step of {batch_size}")
+    rng = np.random.default_rng([seed, step, num_available])
+    return [int(i) for i in rng.choice(num_available, size=batch_size, replace=False)]

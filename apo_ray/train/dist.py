@@ -48,3 +48,12 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def min_over_ranks(values: list[float]) -> list[float]:
+    """Each value's minimum over all ranks (one all_reduce for the whole list)."""
+    if _single():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.tolist()

@@ -42,7 +42,7 @@ class StepContext:
     plan: Stage2Plan
     rank: int
     world: int
-    prompts: list[dict]  # {prompt_id, prompt, answer, vstar}
+    data: Any  # apo_ray.train.feed.StepPrompts: the prompts with V* ({prompt_id, prompt, answer, vstar}) of each step
     eval_rows: list[dict]  # {prompt, answer}: the in-training greedy eval (train.eval_every)
     learner: Any  # apo_ray.train.learner.Learner
     spec: Any  # apo_ray.launch.EngineSpec of this rank's replica (to restart it)
@@ -68,9 +68,15 @@ class Rollout:
 
 
 def train_loop(config: dict) -> None:
-    """The Ray Train worker function: one learner rank + its rollout replica."""
+    """The Ray Train worker function: one learner rank + its rollout replica.
+
+    `config` holds the prompts (an object ref, jobs/train.py) or the pipeline's feed that hands them
+    over once Stage 1 has written their V* (`apo_ray.train.feed`): the worker sets up its learner
+    and replica, resumes, and only then waits for them.
+    """
     ctx = setup(config)
     start_step, time_s = resume(ctx)
+    ctx.data.wait()
     train(ctx, config["cfg"], start_step, time_s)
 
 
@@ -82,6 +88,7 @@ def setup(config: dict) -> StepContext:
     from apo_ray.config import config_from_dict
     from apo_ray.rewards import RewardScorer, get_reward_fn
     from apo_ray.train.checkpoint import seed_everything
+    from apo_ray.train.feed import StepPrompts
     from apo_ray.train.learner import Learner
 
     cfg: Config = config_from_dict(config["cfg"])
@@ -109,7 +116,14 @@ def setup(config: dict) -> StepContext:
         plan=plan,
         rank=rank,
         world=world,
-        prompts=ray.get(config["prompts"]),
+        data=StepPrompts(
+            ray.get(config["prompts"]) if "prompts" in config else None,
+            feed=config.get("feed"),
+            stream=config.get("stream", False),
+            rank=rank,
+            batch_size=cfg.train.rollout_batch_size,
+            seed=cfg.train.seed,
+        ),
         eval_rows=ray.get(config["eval_rows"]),
         learner=learner,
         spec=spec,
@@ -306,6 +320,8 @@ def one_step(ctx: StepContext, step: int) -> dict:
     local["logprob_gap"] = mb_stats[0]["logprob_gap"]  # before any update of this step
     metrics = mean_over_ranks(local)
     metrics.update(generate_s=generate_s, train_s=t2 - t1, sync_s=t3 - t2, peak_mem_gb=ctx.learner.peak_memory_gb())
+    if ctx.data.stream:  # the pipeline's stream: how many prompts had V* when this step drew its own
+        metrics["prompts_with_vstar"] = float(ctx.data.available)
     return metrics
 
 
@@ -323,13 +339,9 @@ def _call(actor: Any, method: str, *args: Any, **kwargs: Any) -> Any:
 
 def step_rows(ctx: StepContext, step: int) -> list[dict]:
     """This rank's prompts of `step`: its 1/world share of each mini-batch, mini-batches in order."""
-    from apo_ray.train.data import batch_indices
-
-    t = ctx.cfg.train
-    idx = batch_indices(len(ctx.prompts), t.rollout_batch_size, step - 1, t.seed)
-    m, m_r = t.mini_batch_size, t.mini_batch_size // ctx.world
-    mine = [idx[i * m + ctx.rank * m_r + j] for i in range(ctx.plan.num_minibatches) for j in range(m_r)]
-    return [ctx.prompts[i] for i in mine]
+    rows = ctx.data.batch(step)  # the whole step, the same on every rank
+    m, m_r = ctx.cfg.train.mini_batch_size, ctx.cfg.train.mini_batch_size // ctx.world
+    return [rows[i * m + ctx.rank * m_r + j] for i in range(ctx.plan.num_minibatches) for j in range(m_r)]
 
 
 def generate(ctx: StepContext, step: int) -> tuple[list[dict], list]:

@@ -24,6 +24,9 @@ the same rule as Stage 2); the manifest records it as `reward_fn` and Stage 2 ch
 own config. The GSM8K paper configs score Stage 1 with the official code's looser "gsm8k_flexible"
 and Stage 2 with its "gsm8k_strict", as the paper's code did. We do not use `ray.data.llm` because
 its vLLM stage keeps only the first completion when n > 1.
+
+`run` is a sequence of phases (`check`, `open_job`, `sample`, `close`) that `apo_ray.pipeline` also
+drives, running Stage 2's start-up between them and watching each shard land (`sample`'s on_shard).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from apo_ray.config import Config, to_dict, to_yaml, vstar_reward
 from apo_ray.errors import ConfigError
@@ -271,8 +276,28 @@ def _prepare_output(fs, out: str, uri: str, plan: Stage1Plan, pinned: dict, over
     return done
 
 
-def run(cfg: Config) -> dict:
-    """Run Stage 1 end to end; returns the manifest (also written to vstar.output_dir/manifest.json)."""
+@dataclass
+class Stage1Job:
+    """One Stage 1 run, in the phases a driver may interleave with other work (`apo_ray.pipeline`):
+    `check` (no Ray) -> `open_job` (lock, plan; Ray up) -> `sample` -> `close` (the lock)."""
+
+    cfg: Config
+    uri: str
+    fs: Any
+    out: str
+    model_path: str
+    prompts: Any  # apo_ray.data.PromptSet: the training prompts
+    reward: str  # Stage 1's reward spec, checked
+    t_start: float
+    lock: OutputLock | None = None
+    plan: Stage1Plan | None = None
+    reused: dict | None = None  # the manifest of a complete output of this plan: nothing to sample
+    done: set[int] = field(default_factory=set)  # shards already written (a resumed run)
+
+
+def check(cfg: Config) -> Stage1Job:
+    """Every Stage 1 check that needs no Ray: the output is writable, the model readable, the prompts
+    load, the reward keeps its contract."""
     from apo_ray.data import load_prompts
     from apo_ray.rewards import checked_reward
 
@@ -287,45 +312,59 @@ def run(cfg: Config) -> dict:
         log.warning("skipped %d bad prompt rows (data.on_bad_row=skip)", prompts.skipped)
     reward_key, reward_fn = vstar_reward(cfg)
     reward = checked_reward(cfg.data.task, reward_fn, prompts.rows[0]["answer"], key=reward_key)
+    return Stage1Job(cfg, uri, fs, out, model_path, prompts, reward, t_start)
 
-    lock = OutputLock(fs, out, uri)
-    lock.acquire()
-    try:
-        fixed_size = init_ray(cfg.resources) != "cluster"
-        device = resolve_device(cfg.resources)
-        if fixed_size:
-            check_pool_fits(cfg, device, cfg.vstar.min_actors, "vstar.min_actors")
-        plan, pinned = make_plan(cfg, model_path, device, prompts.fingerprint, len(prompts), reward)
-        if fs_exists(fs, f"{out}/manifest.json") and not cfg.vstar.overwrite:
-            manifest = fs_read_json(fs, f"{out}/manifest.json")
-            if manifest.get("plan_hash") == plan.plan_hash and manifest.get("complete"):
-                rows = manifest["counts"]["rows_written"]
-                log.info("V* already complete in %s (%d rows); vstar.overwrite=true recomputes", uri, rows)
-                return manifest
-        done = _prepare_output(fs, out, uri, plan, pinned, cfg.vstar.overwrite)
-        fs_write_bytes(fs, f"{out}/config.yaml", to_yaml(cfg).encode())
-        todo = [i for i in range(plan.num_shards) if i not in done]
-        log.info(
-            "Stage 1: %d prompts, %d shards (%d already done), N=%d, model %s on %s",
-            len(prompts),
-            plan.num_shards,
-            len(done),
-            cfg.vstar.num_samples,
-            model_path,
-            device,
-        )
-        t_gen = time.time()
-        if todo:
-            _run_shards(cfg, plan, uri, prompts.rows, todo, device)
-        gen_s = time.time() - t_gen
-        manifest = _write_manifest(cfg, plan, fs, out, prompts, t_start, gen_s)
-        _check_reward_errors(cfg, plan, fs, out, manifest)
-    finally:
-        lock.release()
+
+def open_job(job: Stage1Job, device: str) -> None:
+    """Take the output's lock (released by `close`) and pin the plan: a complete output of the same
+    plan is reused (`job.reused`), one of another plan refused. Call once Ray is up."""
+    cfg, fs, out = job.cfg, job.fs, job.out
+    job.lock = OutputLock(fs, out, job.uri)
+    job.lock.acquire()
+    job.plan, pinned = make_plan(cfg, job.model_path, device, job.prompts.fingerprint, len(job.prompts), job.reward)
+    if fs_exists(fs, f"{out}/manifest.json") and not cfg.vstar.overwrite:
+        manifest = fs_read_json(fs, f"{out}/manifest.json")
+        if manifest.get("plan_hash") == job.plan.plan_hash and manifest.get("complete"):
+            rows = manifest["counts"]["rows_written"]
+            log.info("V* already complete in %s (%d rows); vstar.overwrite=true recomputes", job.uri, rows)
+            job.reused = manifest
+            return
+    job.done = _prepare_output(fs, out, job.uri, job.plan, pinned, cfg.vstar.overwrite)
+    fs_write_bytes(fs, f"{out}/config.yaml", to_yaml(cfg).encode())
+
+
+def sample(job: Stage1Job, on_shard: Callable[[int], None] | None = None) -> dict:
+    """Sample, score and write the shards not yet done; returns the manifest (also in manifest.json).
+
+    Args:
+        on_shard: called at the driver with the index of each shard as it is complete on storage,
+            first those a previous run wrote; not called when a complete output is reused.
+    """
+    if job.reused is not None:
+        return job.reused
+    cfg, plan = job.cfg, job.plan
+    todo = [i for i in range(plan.num_shards) if i not in job.done]
+    log.info(
+        "Stage 1: %d prompts, %d shards (%d already done), N=%d, model %s on %s",
+        len(job.prompts),
+        plan.num_shards,
+        len(job.done),
+        cfg.vstar.num_samples,
+        job.model_path,
+        plan.device,
+    )
+    for i in sorted(job.done) if on_shard else ():
+        on_shard(i)
+    t_gen = time.time()
+    if todo:
+        _run_shards(cfg, plan, job.uri, job.prompts.rows, todo, plan.device, on_shard)
+    gen_s = time.time() - t_gen
+    manifest = _write_manifest(cfg, plan, job.fs, job.out, job.prompts, job.t_start, gen_s)
+    _check_reward_errors(cfg, plan, job.fs, job.out, manifest)
     log.info(
         "Stage 1 done: %d rows in %s (%.1f s, %.1f prompts/s, %.0f tokens/s)",
         manifest["counts"]["rows_written"],
-        uri,
+        job.uri,
         manifest["wall_time_s"],
         manifest["prompts_per_s"],
         manifest["generated_tokens_per_s"],
@@ -333,10 +372,38 @@ def run(cfg: Config) -> dict:
     return manifest
 
 
-def _run_shards(cfg: Config, plan: Stage1Plan, uri: str, rows: list[dict], todo: list[int], device: str) -> None:
+def close(job: Stage1Job) -> None:
+    if job.lock is not None:
+        job.lock.release()
+        job.lock = None
+
+
+def run(cfg: Config) -> dict:
+    """Run Stage 1 end to end; returns the manifest (also written to vstar.output_dir/manifest.json)."""
+    job = check(cfg)
+    try:
+        fixed_size = init_ray(cfg.resources) != "cluster"
+        device = resolve_device(cfg.resources)
+        if fixed_size:
+            check_pool_fits(cfg, device, cfg.vstar.min_actors, "vstar.min_actors")
+        open_job(job, device)
+        return sample(job)
+    finally:
+        close(job)
+
+
+def _run_shards(
+    cfg: Config,
+    plan: Stage1Plan,
+    uri: str,
+    rows: list[dict],
+    todo: list[int],
+    device: str,
+    on_shard: Callable[[int], None] | None,
+) -> None:
     size = cfg.vstar.shard_size
     items = [pool_item(rows[i * size : (i + 1) * size], shard=i) for i in todo]
-    for _ in fan_out(
+    for row in fan_out(
         cfg,
         device,
         ShardSampler,
@@ -350,7 +417,8 @@ def _run_shards(cfg: Config, plan: Stage1Plan, uri: str, rows: list[dict], todo:
         count=lambda row: (int(row["prompts"]), int(row["tokens"])),
         log_every_s=cfg.vstar.log_every_s,
     ):
-        pass  # each shard is written by its actor; the rows are progress
+        if on_shard is not None:  # each shard is written by its actor before its row comes back
+            on_shard(int(row["shard"]))
 
 
 def _check_reward_errors(cfg: Config, plan: Stage1Plan, fs, out: str, manifest: dict) -> None:

@@ -158,6 +158,8 @@ def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         (["show-config", "--config", "demo", "train.lrr=1"], "unknown config key 'train.lrr'"),
         (["export", "nowhere", "out"], "export: 'nowhere' is neither a Stage 2 checkpoint"),
         (["train", "--config", "demo", "train.output_dir=afile"], "config key 'train.output_dir'"),
+        (["pipeline", "--config", "demo", "train.vstar_dir=elsewhere"], "config key 'train.vstar_dir'"),
+        (["pipeline", "--config", "demo", "vstar.output_dir=afile", "train.vstar_dir=afile"], "'vstar.output_dir'"),
         (
             ["train", "--config", "demo", "train.output_dir=nosuch://bucket/x"],
             "config key 'train.output_dir': cannot open",
