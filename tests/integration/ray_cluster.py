@@ -86,6 +86,7 @@ class RayCluster:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            f"--ray-client-server-port={free_port()}",
             env=head_env,
         )
         deadline = time.time() + 180
@@ -189,7 +190,10 @@ class RayCluster:
 
     def _start(self, name: str, *args: str, env: dict | None = None) -> None:
         self.nodes[name] = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", *args],
+            # Every node's dashboard agent on a port of its own: Ray's default (52365) is taken by
+            # any other Ray on this machine (the suite's embedded one), and a node whose agent cannot
+            # bind it has no job agent ("No available agent to submit job").
+            [str(BIN / "ray"), "start", "--block", "--dashboard-agent-listen-port=0", *args],
             env={**self.env, **(env or {})},
             start_new_session=True,
             stdout=open(self.logs / f"{name}.log", "w"),  # noqa: SIM115 - the child holds it
