@@ -83,7 +83,9 @@ def test_stage1_pool_grows_onto_nodes_the_autoscaler_adds_then_they_go(autoscali
             "data.arith.num_train=4096",
             "vstar.shard_size=32",
             "vstar.batch_size=32",
-            "vstar.num_samples=16",
+            # ~80 s of sampling for one actor: long enough that the actors on the nodes added while
+            # it runs (~15 s each here) write shards too, on a slower machine as well.
+            "vstar.num_samples=32",
             "vstar.min_actors=1",
             "vstar.max_actors=3",
             "resources.cpus_per_actor=2",
