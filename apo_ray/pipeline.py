@@ -10,9 +10,11 @@ Stage 1 samples. In order:
 
 1. every check of both stages that needs only the config, before Ray starts (outputs, model,
    prompts, both rewards, resume rules; train.vstar_dir must name vstar.output_dir);
-2. Ray up; on a fixed-size Ray, Stage 1's smallest actor pool and Stage 2's learners with their
-   replicas must fit at once (refused, naming the keys, instead of waiting);
-3. Stage 1's lock and plan (a complete V* of this config is reused), Stage 2's plan and config.yaml;
+2. Ray up; Stage 1's lock and plan (a complete V* of this config is reused); on a fixed-size Ray,
+   Stage 1's smallest actor pool and Stage 2's learners with their replicas must fit at once
+   (refused, naming the keys, before anything is written), and Stage 1's pool grows only into
+   what Stage 2 leaves (`cap_pool`);
+3. Stage 1's output prepared, Stage 2's plan and config.yaml;
 4. Stage 2's `TorchTrainer.fit` in a thread: its workers set up, resume, then wait on a
    `PromptFeed` actor (`apo_ray.train.feed`);
 5. Stage 1 in this thread;
@@ -23,7 +25,8 @@ With pipeline.stream=true the feed also gets each shard's prompts as soon as the
 storage (read with the same per-row checks), and the workers start once a step's worth have V*;
 until Stage 1 ends each step draws from those (`train.data.stream_batch_indices`; the README says
 how this changes the data order). The run-level checks (the manifest, every prompt has a V*, the
-reward-error rate) still come at Stage 1's end and stop the run if they fail.
+reward-error rate) still come at Stage 1's end and stop the run if they fail; until they have
+passed, no step is checkpointed and the last step waits for them before the final save.
 
 Failures: if Stage 1 fails, the workers are told and stop, and Stage 1's error is reported; if
 Stage 2 fails while Stage 1 runs, Stage 1 stops at its next shard (the shards written stay: a
@@ -36,7 +39,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,54 @@ def check_resources(cfg: Config, device: str, with_stage1: bool) -> None:
     )
 
 
+def pool_cap(cfg: Config, device: str, have: dict[str, float]) -> int:
+    """How many Stage 1 engine actors fit in `have` beside Stage 2's learners and replicas (0 if none)."""
+    from apo_ray.train.loop import stage2_resources
+
+    left = {k: v - stage2_resources(cfg, device).get(k, 0.0) for k, v in have.items()}
+    one = pool_resources(cfg, device, 1)
+    return int(min(left.get(k, 0.0) // v for k, v in one.items() if v > 0))
+
+
+def cap_pool(cfg: Config, device: str) -> Config:
+    """On a fixed-size Ray, Stage 1's pool may grow (to vstar.max_actors) only into what Stage 2 leaves
+    free: Ray Data would otherwise take the learners' CPUs/GPUs while they start, and one stage would
+    wait for the other. Returns cfg, or a copy with a lower vstar.max_actors (logged)."""
+    import ray
+
+    cap = max(cfg.vstar.min_actors, pool_cap(cfg, device, ray.cluster_resources()))
+    if cap >= cfg.vstar.max_actors:
+        return cfg
+    log.info(
+        "vstar.max_actors=%d lowered to %d for the pipeline: Stage 2's %d learner(s) and replicas hold the rest",
+        cfg.vstar.max_actors,
+        cap,
+        cfg.train.num_learners,
+    )
+    return replace(cfg, vstar=replace(cfg.vstar, max_actors=cap))
+
+
+def warn_if_crowded(cfg: Config, device: str) -> None:
+    """On a cluster reached by address (it may autoscale), warn when Stage 1's largest pool and Stage 2
+    do not fit on today's nodes: without an autoscaler the two stages would wait for each other."""
+    import ray
+
+    from apo_ray.train.loop import stage2_resources
+
+    need = add_resources(pool_resources(cfg, device, cfg.vstar.max_actors), stage2_resources(cfg, device))
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
+    if short:
+        log.warning(
+            "Stage 1's pool of up to vstar.max_actors=%d and Stage 2's %d learner(s) need %s at once; the cluster "
+            "has %s now. Unless it autoscales, lower vstar.max_actors or run jobs/vstar.py then jobs/train.py.",
+            cfg.vstar.max_actors,
+            cfg.train.num_learners,
+            {k: need[k] for k in short},
+            {k: have.get(k, 0.0) for k in short},
+        )
+
+
 def _start_feed():
     """The `PromptFeed` actor, on the driver's node (its clock is the driver's: the timeline compares them)."""
     import ray
@@ -144,9 +195,13 @@ def run(cfg: Config) -> dict:
     device = resolve_device(cfg.resources)
     feed = None
     try:
-        stage1.open_job(s1, device)
+        stage1.open_job(s1, device, prepare=False)
         if fixed_size:
             check_resources(cfg, device, with_stage1=s1.reused is None)
+            s1.cfg = cap_pool(s1.cfg, device)
+        elif s1.reused is None:
+            warn_if_crowded(cfg, device)
+        stage1.prepare_output(s1)  # only now: a refusal above leaves the previous output as it was
         stage2.open_job(s2, device, None)
         feed = _start_feed()
         trainer = stage2.make_trainer(s2, {"feed": feed, "stream": cfg.pipeline.stream})

@@ -26,6 +26,10 @@ from typing import Any
 POLL_S = 0.5  # how often a waiting worker asks the feed
 
 
+class PipelineStopped(RuntimeError):
+    """The pipeline failed (`PromptFeed.fail`): the workers stop without saving anything."""
+
+
 class PromptFeed:
     """The driver's side of the handover (append-only; run as a Ray actor by `apo_ray.pipeline`)."""
 
@@ -119,7 +123,7 @@ class StepPrompts:
         while True:
             count, final, error = self._call("state")
             if error is not None:
-                raise RuntimeError(f"Stage 2 stopped before its first step: {error}")
+                raise PipelineStopped(f"Stage 2 stopped before its first step: {error}")
             if final and not self.stream:
                 self.prompts, self.complete = self._call("final"), True
                 return
@@ -143,20 +147,32 @@ class StepPrompts:
             self._reported = True
         return [self.prompts[i] for i in idx]
 
-    def _refresh(self) -> None:
+    def check_failed(self) -> None:
+        """Raise PipelineStopped if the pipeline has already failed (a restarted worker asks before setup)."""
+        if self.feed is not None and (error := self._call("state")[2]) is not None:
+            raise PipelineStopped(f"Stage 2 stopped: {error}")
+
+    def settle(self) -> None:
+        """Block until every rank holds the final prompt list: the pipeline's run-level checks of Stage 1
+        passed. A streamed run calls it before anything final is saved; a no-op once complete."""
+        while not self.complete:
+            self._refresh(final_only=True)
+
+    def _refresh(self, final_only: bool = False) -> None:
         """Agree with every rank on the prompts this step draws from: all of them once every rank has
-        seen `finish`, else the first k added, k the fewest any rank has seen (at least one batch)."""
+        seen `finish`, else (unless final_only) the first k added, k the fewest any rank has seen (at
+        least one batch)."""
         from apo_ray.train.dist import min_over_ranks
 
         while True:
             count, final, error = self._call("state")
             least, all_final, no_error = min_over_ranks([float(count), float(final), float(error is None)])
             if not no_error:  # every rank stops at the same step
-                raise RuntimeError(f"Stage 2 stopped: {error or 'the pipeline failed (seen by another rank)'}")
+                raise PipelineStopped(f"Stage 2 stopped: {error or 'the pipeline failed (seen by another rank)'}")
             if all_final:
                 self.prompts, self.complete = self._call("final"), True
                 return
-            if least >= self.batch_size:
+            if least >= self.batch_size and not final_only:
                 self.prompts.extend(self._call("rows", len(self.prompts), int(least)))
                 return
             time.sleep(self.poll_s)

@@ -74,6 +74,10 @@ def train_loop(config: dict) -> None:
     over once Stage 1 has written their V* (`apo_ray.train.feed`): the worker sets up its learner
     and replica, resumes, and only then waits for them.
     """
+    if config.get("feed") is not None:  # a worker Ray Train restarts after the pipeline failed: stop at once
+        from apo_ray.train.feed import StepPrompts
+
+        StepPrompts(feed=config["feed"], batch_size=1, seed=0).check_failed()
     ctx = setup(config)
     start_step, time_s = resume(ctx)
     ctx.data.wait()
@@ -223,9 +227,14 @@ def train(ctx: StepContext, cfg_dict: dict, start_step: int, time_s: float) -> N
                 _log_step(step, metrics)
         check_finite(step, metrics, out)
         out_of_time = any_rank(t.max_train_seconds is not None and time_s >= t.max_train_seconds)
+        last = step == t.num_steps or out_of_time
+        if last:  # pipeline.stream: nothing final before Stage 1's run-level checks have passed
+            ctx.data.settle()
         # Only checkpoint steps go through Ray Train (each report is a barrier and a log line);
         # every step's metrics reach metrics.jsonl, TensorBoard and the dashboard gauges anyway.
-        if step % t.save_every == 0 or step == t.num_steps or out_of_time:
+        # A streamed step (V* not all checked yet) is not checkpointed: a rerun must not resume from
+        # steps on shards Stage 1's checks may still reject.
+        if (step % t.save_every == 0 and ctx.data.complete) or last:
             try:
                 checkpoint.save(ctx.learner, out, step, time_s, metrics)
             except DivergedError as e:

@@ -291,6 +291,7 @@ class Stage1Job:
     t_start: float
     lock: OutputLock | None = None
     plan: Stage1Plan | None = None
+    pinned: dict | None = None  # the settings make_plan pinned (checked against plan.json)
     reused: dict | None = None  # the manifest of a complete output of this plan: nothing to sample
     done: set[int] = field(default_factory=set)  # shards already written (a resumed run)
 
@@ -315,13 +316,14 @@ def check(cfg: Config) -> Stage1Job:
     return Stage1Job(cfg, uri, fs, out, model_path, prompts, reward, t_start)
 
 
-def open_job(job: Stage1Job, device: str) -> None:
+def open_job(job: Stage1Job, device: str, prepare: bool = True) -> None:
     """Take the output's lock (released by `close`) and pin the plan: a complete output of the same
-    plan is reused (`job.reused`), one of another plan refused. Call once Ray is up."""
+    plan is reused (`job.reused`), one of another plan refused. Call once Ray is up. With
+    prepare=False nothing is written yet (a driver with more checks to make calls `prepare_output`)."""
     cfg, fs, out = job.cfg, job.fs, job.out
     job.lock = OutputLock(fs, out, job.uri)
     job.lock.acquire()
-    job.plan, pinned = make_plan(cfg, job.model_path, device, job.prompts.fingerprint, len(job.prompts), job.reward)
+    job.plan, job.pinned = make_plan(cfg, job.model_path, device, job.prompts.fingerprint, len(job.prompts), job.reward)
     if fs_exists(fs, f"{out}/manifest.json") and not cfg.vstar.overwrite:
         manifest = fs_read_json(fs, f"{out}/manifest.json")
         if manifest.get("plan_hash") == job.plan.plan_hash and manifest.get("complete"):
@@ -329,8 +331,16 @@ def open_job(job: Stage1Job, device: str) -> None:
             log.info("V* already complete in %s (%d rows); vstar.overwrite=true recomputes", job.uri, rows)
             job.reused = manifest
             return
-    job.done = _prepare_output(fs, out, job.uri, job.plan, pinned, cfg.vstar.overwrite)
-    fs_write_bytes(fs, f"{out}/config.yaml", to_yaml(cfg).encode())
+    if prepare:
+        prepare_output(job)
+
+
+def prepare_output(job: Stage1Job) -> None:
+    """The output made ready for `sample` (the shards of a resumed run kept, or all of them removed
+    with vstar.overwrite=true) and config.yaml written; a no-op when a complete output is reused."""
+    if job.reused is None:
+        job.done = _prepare_output(job.fs, job.out, job.uri, job.plan, job.pinned, job.cfg.vstar.overwrite)
+        fs_write_bytes(job.fs, f"{job.out}/config.yaml", to_yaml(job.cfg).encode())
 
 
 def sample(job: Stage1Job, on_shard: Callable[[int], None] | None = None) -> dict:

@@ -88,3 +88,11 @@ def arith_after_a_streamed_step(completion: str, answer: str) -> float:
     if _calls["n"] > STREAM_GATE_CALLS:
         _wait_for_feed("partial_step")
     return _arith(completion, answer)
+
+
+def flaky_after_a_streamed_step(completion: str, answer: str) -> float:
+    """`arith_after_a_streamed_step`, but raising on answers ending in 7 (~10 % of the completions:
+    Stage 1's reward-error check fails at its end, after Stage 2 has trained on streamed shards)."""
+    if answer.endswith("7"):
+        raise ValueError(f"flaky reward refuses answer {answer}")
+    return arith_after_a_streamed_step(completion, answer)

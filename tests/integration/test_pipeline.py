@@ -97,3 +97,28 @@ def test_stream_trains_on_the_first_shards_while_later_ones_are_written(ray_sess
     assert seen[0] == 64, "step 1 draws from the first shard only"
     assert seen == sorted(seen) and set(seen) <= {64, 128, 192, 256}, seen
     assert all(r["logprob_gap"] < 1e-3 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_stream_whose_stage1_checks_fail_leaves_nothing_a_rerun_would_resume(ray_session, tiny_model_dir, tmp_path):
+    from apo_ray import pipeline
+    from apo_ray.errors import ConfigError
+
+    run = tmp_path / "run"
+    # Stage 2 trains on the first shard, then Stage 1's run-level reward-error check fails.
+    cfg = pipeline_config(
+        tiny_model_dir,
+        run,
+        "train.num_steps=2",
+        "train.save_every=1",
+        "pipeline.stream=true",
+        "vstar.reward_fn=helpers_rewards:flaky_after_a_streamed_step",
+    )
+    with pytest.raises(ConfigError, match="vstar.max_reward_error_rate"):
+        pipeline.run(cfg)
+    train = run / "train"
+    rows = read_metrics(train / "metrics.jsonl") if (train / "metrics.jsonl").exists() else []
+    assert rows, "Stage 2 took no streamed step before Stage 1 failed"
+    # No streamed step was checkpointed and the last one waited for the checks: nothing final.
+    assert (
+        not list(train.glob("ray/*step*")) and not (train / "final").exists() and not (train / "summary.json").exists()
+    )

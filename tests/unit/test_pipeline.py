@@ -10,10 +10,10 @@ import pytest
 
 from apo_ray.config import load_config
 from apo_ray.errors import ConfigError, DataError
-from apo_ray.pipeline import check_config, pipeline_resources
+from apo_ray.pipeline import check_config, pipeline_resources, pool_cap
 from apo_ray.runtime import add_resources
 from apo_ray.train.data import VStarReader, batch_indices, stream_batch_indices
-from apo_ray.train.feed import PromptFeed, StepPrompts
+from apo_ray.train.feed import PipelineStopped, PromptFeed, StepPrompts
 
 
 def _prompts(n: int, start: int = 0) -> list[dict]:
@@ -193,3 +193,97 @@ def test_both_stages_must_fit_at_once():
 
 def test_add_resources():
     assert add_resources({"CPU": 2.0, "GPU": 1.0}, {}, {"CPU": 1.0}) == {"CPU": 3.0, "GPU": 1.0}
+
+
+# ---------------------------------------------------------------- ranks, the final save, the pool
+
+
+def test_settle_waits_for_the_handover_and_stops_on_a_failure():
+    feed = PromptFeed()
+    data = StepPrompts(feed=feed, stream=True, batch_size=4, seed=0, poll_s=0.01)
+    feed.add(_prompts(4))
+    data.wait()
+    data.batch(1)
+    assert not data.complete
+    threading.Timer(0.1, feed.finish, [_prompts(6)]).start()
+    data.settle()  # blocks until the handover
+    assert data.complete and len(data.prompts) == 6
+    data.settle()  # then a no-op
+
+    feed = PromptFeed()
+    data = StepPrompts(feed=feed, stream=True, batch_size=4, seed=0, poll_s=0.01)
+    feed.add(_prompts(4))
+    data.wait()
+    threading.Timer(0.1, feed.fail, ["Stage 1 failed: too many reward errors"]).start()
+    with pytest.raises(PipelineStopped, match="too many reward errors"):
+        data.settle()
+
+
+def test_a_restarted_worker_sees_the_failure_before_it_sets_up():
+    feed = PromptFeed()
+    StepPrompts(feed=feed, batch_size=1, seed=0).check_failed()  # nothing yet
+    feed.fail("Stage 1 failed")
+    with pytest.raises(PipelineStopped, match="Stage 1 failed"):
+        StepPrompts(feed=feed, batch_size=1, seed=0).check_failed()
+
+
+def _two_ranks(monkeypatch):
+    """min_over_ranks across two threads (each thread a rank), as the gloo collective computes it."""
+    import apo_ray.train.dist as dist
+
+    barrier, slots = threading.Barrier(2, timeout=10), {}
+
+    def min_over_ranks(values):
+        slots[threading.get_ident()] = list(values)
+        barrier.wait()
+        out = [min(col) for col in zip(*slots.values())]
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(dist, "min_over_ranks", min_over_ranks)
+
+
+def _as_rank(fn, results, rank):
+    try:
+        results[rank] = fn()
+    except Exception as e:  # noqa: BLE001 - compared by the test
+        results[rank] = e
+
+
+def test_two_ranks_that_saw_different_shards_draw_the_same_step_and_stop_together(monkeypatch):
+    _two_ranks(monkeypatch)
+    feeds = [PromptFeed(), PromptFeed()]  # what each rank has seen of the one feed: rank 1 lags a shard
+    feeds[0].add(_prompts(16))
+    feeds[1].add(_prompts(8))
+    ranks = [StepPrompts(feed=f, stream=True, rank=r, batch_size=8, seed=0, poll_s=0.01) for r, f in enumerate(feeds)]
+    for d in ranks:
+        d.wait()
+    results: dict = {}
+    threads = [
+        threading.Thread(target=_as_rank, args=(lambda d=d: d.batch(1), results, r)) for r, d in enumerate(ranks)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] and ranks[0].available == ranks[1].available == 8
+
+    feeds[1].fail("Stage 1 failed: V* of prompt 'p3' is nan")  # seen by rank 1 only
+    results = {}
+    threads = [
+        threading.Thread(target=_as_rank, args=(lambda d=d: d.batch(2), results, r)) for r, d in enumerate(ranks)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results[0], PipelineStopped) and "another rank" in str(results[0])
+    assert isinstance(results[1], PipelineStopped) and "p3" in str(results[1])
+
+
+def test_stage1_pool_grows_only_into_what_stage2_leaves():
+    cfg = load_config("demo", ["vstar.max_actors=8"])  # 1 CPU per engine actor; Stage 2 holds 2 CPUs
+    assert pool_cap(cfg, "cpu", {"CPU": 6.0}) == 4
+    assert pool_cap(cfg, "cpu", {"CPU": 2.0}) == 0
+    cfg = load_config("demo", ["vstar.max_actors=4", "train.num_learners=2", "train.micro_batch_size=32"])
+    assert pool_cap(cfg, "cuda", {"CPU": 64.0, "GPU": 4.0}) == 2  # 2 GPUs left for 1-GPU engines
