@@ -29,6 +29,7 @@ Run: ``apo-ray make-tiny-model OUT [--no-sft]``; ``model.path: tiny`` builds it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -38,9 +39,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from apo_ray.data.arith import arith_problems
 from apo_ray.rewards.arith import arith_reward
@@ -231,6 +233,48 @@ def lr_factor(step: int, rec: TinyRecipe) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - rec.warmup_steps) / span)))
 
 
+def _rms_norm_forward(self, hidden_states):
+    # Qwen2RMSNorm.forward without its cast to float32.
+    import torch
+
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary_forward(self, x, position_ids):
+    # Qwen2RotaryEmbedding.forward with the angles in x's dtype instead of float32.
+    import torch
+
+    freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+@contextlib.contextmanager
+def _whole_model_in_its_dtype(model):
+    """transformers' Qwen2 computes RMSNorm and the rotary angles in float32 whatever the model's dtype.
+
+    Trained in float64, those float32 steps would leave rounding differences of ~1e-7 between
+    machines (float32 rsqrt/sin/cos differ between AVX2 and AVX-512 kernels), which training
+    amplifies; inside this context both run in the model's dtype. The patch is per instance and
+    undone on exit (the saved model is plain Qwen2).
+    """
+    import types
+
+    patched = []
+    for module in model.modules():
+        name = type(module).__name__
+        fn = {"Qwen2RMSNorm": _rms_norm_forward, "Qwen2RotaryEmbedding": _rotary_forward}.get(name)
+        if fn is not None:
+            module.forward = types.MethodType(fn, module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
     """Supervised warm start on arith train problems: `rec.steps` AdamW steps on the lr schedule `lr_factor`.
 
@@ -252,26 +296,31 @@ def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | N
     opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, rec))
     losses: list[float] = []
-    for step in range(1, rec.steps + 1):
-        model.train()
-        batch = rng.sample(seqs, rec.batch_size)
-        width = max(len(ids) for ids, _ in batch)
-        ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, labels) in enumerate(batch):  # right padding: positions stay 0..len-1
-            ids_BT[i, : len(ids)] = torch.tensor(ids)
-            labels_BT[i, : len(ids)] = torch.tensor(labels)
-            mask_BT[i, : len(ids)] = 1
-        loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if probe is not None:
-            probe(step, model)
+    with _whole_model_in_its_dtype(model):
+        for step in range(1, rec.steps + 1):
+            model.train()
+            batch = rng.sample(seqs, rec.batch_size)
+            width = max(len(ids) for ids, _ in batch)
+            ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, labels) in enumerate(batch):  # right padding: positions stay 0..len-1
+                ids_BT[i, : len(ids)] = torch.tensor(ids)
+                labels_BT[i, : len(ids)] = torch.tensor(labels)
+                mask_BT[i, : len(ids)] = 1
+            # Our own cross-entropy: transformers' loss casts the logits to float32.
+            logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits_BTV[:, :-1].flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=-100
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if probe is not None:
+                probe(step, model)
     model.eval()
     tail = losses[-20:]
     return {"steps": rec.steps, "final_loss": round(sum(tail) / max(1, len(tail)), 4)}
