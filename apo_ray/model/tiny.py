@@ -29,14 +29,17 @@ Run: ``apo-ray make-tiny-model OUT [--no-sft]``; ``model.path: tiny`` builds it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,30 +70,26 @@ class TinyRecipe:
     num_attention_heads: int = 2  # head_dim = hidden_size / heads must be 64 for vLLM-CPU
     num_key_value_heads: int = 1
     max_position_embeddings: int = 2048  # room for the default config's 256 + 1024 tokens
-    # warm-start SFT on arith (train split only): constant lr after a linear warmup
+    # warm-start SFT on arith (train split only): a fixed number of steps, a linear lr warm-up,
+    # then cosine decay to 0. No stop rule: a threshold checked on a noisy validation curve stops
+    # at a different step on a machine whose float kernels round differently (measured: the old
+    # rule stopped at step 2250 on one AVX-512 machine and ran to its 3000-step cap on another,
+    # held-out greedy 0.470 vs 0.325). A decaying lr ends in a settled model, and a short enough
+    # budget leaves it partly trained, so that RL has room to improve.
     digits: int = 2
     ops: str = "+"
-    num_train: int = 4800  # SFT problems; the next `num_val` train-split problems steer the stop
+    num_train: int = 4800  # SFT problems
     batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 2000
+    lr: float = 2e-3  # peak
     warmup_steps: int = 100
     weight_decay: float = 0.0
-    # Stop rule: every `val_every` steps, greedy accuracy on `num_val` unseen train-split
-    # problems; once it reaches `stop_greedy`, train `settle_steps` more and stop (`max_steps`
-    # caps the search: a recipe that never gets there stops at the cap). Deterministic (no
-    # wall clock). A fixed step count is not robust: the step at which accuracy takes off
-    # varies by seed (measured: seed 0 first reaches 0.55 at step 2150, seed 1 at 750). The settle steps matter: at constant lr 2e-3 validation accuracy swings
-    # by +-0.1 between checks, so the check that first crosses the threshold is most often an
-    # upward swing, i.e. a model near its best. Measured on seed 0: stopped right at the
-    # crossing (step 2150, held-out greedy 0.61) 400 steps of A*-PO add ~7 points; from the
-    # model 100 steps later (0.44) they add ~25, to a higher final accuracy.
-    max_steps: int = 3000
-    stop_greedy: float = 0.55
-    settle_steps: int = 100
-    val_every: int = 50
-    num_val: int = 200
+    # Init and SFT precision (the model is saved in float32). float64 keeps the rounding
+    # differences between machines' kernels (AVX2 vs AVX-512, MKL, oneDNN) ~1e-16 instead of ~1e-7,
+    # too small for training to amplify into a different model within the step budget.
+    train_dtype: str = "float64"
     # measurement (recorded, not a stopping rule): held-out eval problems of the arith task
-    num_eval: int = 200
+    num_eval: int = 1000
     eval_seed: int = 0
     eval_max_tokens: int = 8
 
@@ -104,6 +103,8 @@ def make_recipe(**kwargs: Any) -> TinyRecipe:
     recipe = TinyRecipe(**kwargs)
     if recipe.hidden_size % recipe.num_attention_heads or recipe.hidden_size // recipe.num_attention_heads != 64:
         raise ValueError("tiny model: hidden_size / num_attention_heads must be 64 (vLLM-CPU attention)")
+    if recipe.train_dtype not in ("float32", "float64"):
+        raise ValueError(f"tiny model: train_dtype must be 'float32' or 'float64', got {recipe.train_dtype!r}")
     return recipe
 
 
@@ -189,12 +190,20 @@ def build_tiny_model(out_dir: str | os.PathLike, *, sft: bool = True, seed: int 
             bos_token_id=None,
             dtype="float32",
         )
-        model = Qwen2ForCausalLM(config).float()
+        train_dtype = getattr(torch, rec.train_dtype)
+        old_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(train_dtype)  # the init is drawn in the training precision
+        try:
+            model = Qwen2ForCausalLM(config).to(train_dtype)
+        finally:
+            torch.set_default_dtype(old_dtype)
         info: dict[str, Any] = {"recipe": dataclasses.asdict(rec), "version": TINY_VERSION}
         if rec.sft:
             t0 = time.perf_counter()
             info.update(sft_arith(model, tok, rec))
             info["sft_seconds"] = round(time.perf_counter() - t0, 1)
+        model = model.float()  # shipped in float32; accuracies are measured on what is shipped
+        if rec.sft:
             evals = arith_problems("test", rec.num_eval, seed=rec.eval_seed, digits=rec.digits, ops=rec.ops)
             gen = torch.Generator().manual_seed(rec.seed + 1)
             info["accuracy_greedy"] = arith_accuracy(model, tok, evals, greedy=True, max_tokens=rec.eval_max_tokens)
@@ -216,59 +225,105 @@ def _encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def sft_arith(model, tok, rec: TinyRecipe) -> dict[str, Any]:
-    """Supervised warm start on arith train problems, stopped by the recipe's rule.
+def lr_factor(step: int, rec: TinyRecipe) -> float:
+    """The lr multiplier of optimizer step `step` (0-based): linear warm-up, then cosine decay to 0 at `rec.steps`."""
+    if step < rec.warmup_steps:
+        return (step + 1) / rec.warmup_steps
+    span = max(1, rec.steps - rec.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - rec.warmup_steps) / span)))
 
+
+def _rms_norm_forward(self, hidden_states):
+    # Qwen2RMSNorm.forward without its cast to float32.
+    import torch
+
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary_forward(self, x, position_ids):
+    # Qwen2RotaryEmbedding.forward with the angles in x's dtype instead of float32.
+    import torch
+
+    freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+@contextlib.contextmanager
+def _whole_model_in_its_dtype(model):
+    """transformers' Qwen2 computes RMSNorm and the rotary angles in float32 whatever the model's dtype.
+
+    Trained in float64, those float32 steps would leave rounding differences of ~1e-7 between
+    machines (float32 rsqrt/sin/cos differ between AVX2 and AVX-512 kernels), which training
+    amplifies; inside this context both run in the model's dtype. The patch is per instance and
+    undone on exit (the saved model is plain Qwen2).
+    """
+    import types
+
+    patched = []
+    for module in model.modules():
+        name = type(module).__name__
+        fn = {"Qwen2RMSNorm": _rms_norm_forward, "Qwen2RotaryEmbedding": _rotary_forward}.get(name)
+        if fn is not None:
+            module.forward = types.MethodType(fn, module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+    """Supervised warm start on arith train problems: `rec.steps` AdamW steps on the lr schedule `lr_factor`.
+
+    Args:
+        probe: called as ``probe(step, model)`` after every step (experiments; not part of the recipe).
     Returns:
-        {"steps": steps run, "stop_rule_step": the step whose check met `stop_greedy` (None: the
-        cap), "val_greedy": validation accuracy at the end, "final_loss": mean of the last 20 losses}.
+        {"steps": steps run, "final_loss": mean of the last 20 losses}.
     """
     import random
 
     import torch
 
-    problems = arith_problems("train", rec.num_train + rec.num_val, seed=rec.seed, digits=rec.digits, ops=rec.ops)
-    val = problems[rec.num_train :]  # train split, never trained on; the eval split stays untouched
+    problems = arith_problems("train", rec.num_train, seed=rec.seed, digits=rec.digits, ops=rec.ops)
     seqs = []
-    for p in problems[: rec.num_train]:
+    for p in problems:
         q, a = _encode(tok, p["question"]), _encode(tok, p["answer"]) + [tok.eos_token_id]
         seqs.append((q + a, [-100] * len(q) + a))  # loss on completion tokens only
     rng = random.Random(f"apo-ray-tiny-sft-{rec.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, rec.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, rec))
     losses: list[float] = []
-    step, end, rule_step = 0, rec.max_steps, None
-    while step < end:
-        model.train()
-        batch = rng.sample(seqs, rec.batch_size)
-        width = max(len(ids) for ids, _ in batch)
-        ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, labels) in enumerate(batch):  # right padding: positions stay 0..len-1
-            ids_BT[i, : len(ids)] = torch.tensor(ids)
-            labels_BT[i, : len(ids)] = torch.tensor(labels)
-            mask_BT[i, : len(ids)] = 1
-        loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        step += 1
-        if rule_step is None and step % rec.val_every == 0:
-            if arith_accuracy(model, tok, val, greedy=True, max_tokens=rec.eval_max_tokens) >= rec.stop_greedy:
-                rule_step, end = step, step + rec.settle_steps
-    val_greedy = arith_accuracy(model, tok, val, greedy=True, max_tokens=rec.eval_max_tokens)
+    with _whole_model_in_its_dtype(model):
+        for step in range(1, rec.steps + 1):
+            model.train()
+            batch = rng.sample(seqs, rec.batch_size)
+            width = max(len(ids) for ids, _ in batch)
+            ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, labels) in enumerate(batch):  # right padding: positions stay 0..len-1
+                ids_BT[i, : len(ids)] = torch.tensor(ids)
+                labels_BT[i, : len(ids)] = torch.tensor(labels)
+                mask_BT[i, : len(ids)] = 1
+            # Our own cross-entropy: transformers' loss casts the logits to float32.
+            logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits_BTV[:, :-1].flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=-100
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if probe is not None:
+                probe(step, model)
     model.eval()
     tail = losses[-20:]
-    return {
-        "steps": step,
-        "stop_rule_step": rule_step,
-        "val_greedy": val_greedy,
-        "final_loss": round(sum(tail) / max(1, len(tail)), 4),
-    }
+    return {"steps": rec.steps, "final_loss": round(sum(tail) / max(1, len(tail)), 4)}
 
 
 def arith_accuracy(

@@ -12,6 +12,7 @@ from apo_ray.model.tiny import (
     PAD_TOKEN,
     TinyRecipe,
     build_tokenizer,
+    lr_factor,
     make_recipe,
     recipe_hash,
 )
@@ -83,6 +84,16 @@ def test_recipe_hash_and_validation():
         make_recipe(stepz=3)
     with pytest.raises(ValueError, match="64"):
         make_recipe(num_attention_heads=8)
+
+
+def test_sft_lr_schedule_warms_up_then_decays_to_zero():
+    rec = make_recipe(steps=1100, warmup_steps=100)
+    assert lr_factor(0, rec) == pytest.approx(0.01) and lr_factor(99, rec) == pytest.approx(1.0)
+    assert lr_factor(100, rec) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_factor(600, rec) == pytest.approx(0.5)  # half-way through the decay
+    assert lr_factor(1099, rec) == pytest.approx(0.0, abs=1e-4) and lr_factor(1100, rec) == 0.0
+    factors = [lr_factor(s, rec) for s in range(100, 1100)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))  # never rises after the warm-up
 
 
 def test_ensure_tiny_model_builds_once(tmp_path):
