@@ -2,10 +2,15 @@
 
 One interface, three backends, chosen by ``make_weight_sync(backend, ...)``:
 
-- "shm" (CPU; tested): the learner streams (name, tensor) pairs into a safetensors file in
-  /dev/shm (`write_weights_shm`), the engine reloads from it (`RolloutEngine.update_weights_from_file`
-  -> `worker_ext.WeightSyncExtension`), the file is deleted. Engine and learner must share a node
-  (the Stage 2 loop pins the engine to its learner's node).
+- "shm" (CPU; tested): through shared memory on the node. When the engine's vLLM worker runs in
+  the engine's own process (the CPU default; `RolloutEngine.takes_tensors`), the weights go as
+  arguments of one call (`to_wire`: each tensor's bytes as a numpy array, which Ray carries
+  through its object store in /dev/shm and hands out without a copy) and the worker reloads from
+  them (`update_weights_from_wire`): no file. Otherwise the learner streams (name, tensor) pairs
+  into a safetensors file in /dev/shm (`write_weights_shm`), the engine reloads from it
+  (`RolloutEngine.update_weights_from_file` -> `worker_ext.WeightSyncExtension`), the file is
+  deleted. Engine and learner must share a node (the Stage 2 loop pins the engine to its
+  learner's node).
 - "ipc" (colocated GPUs) and "nccl" (engine on other GPUs): vLLM's native weight-transfer API
   (``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
   ``finish_weight_update``), with tensors packed into buckets of ``bucket_bytes`` (512 MiB by
@@ -187,22 +192,53 @@ def write_weights_shm(named_tensors: Iterable[tuple[str, torch.Tensor]], path: s
     return str(path)
 
 
-class ShmWeightSync:
-    """CPU backend: a safetensors file in /dev/shm, reloaded by the engine's worker extension."""
+def to_wire(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], Any]:
+    """(name, dtype name, shape, the bytes as a flat uint8 numpy array): a tensor as Ray carries it
+    best (numpy arrays travel out of band through the object store and arrive without a copy; any
+    dtype, bfloat16 included). The array shares the memory of a CPU contiguous `tensor`; Ray
+    copies it when the call is made. `worker_ext.from_wire` is the inverse."""
+    t = tensor.detach().to("cpu").contiguous()
+    return name, str(t.dtype).removeprefix("torch."), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()
 
-    def __init__(self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None):
+
+class ShmWeightSync:
+    """CPU backend: the weights as call arguments (an engine whose worker is in its process), else a
+    safetensors file in /dev/shm; the engine's worker extension reloads them.
+
+    Args:
+        rank, run_id: name the file (so concurrent runs and ranks do not collide).
+        directory: of the file; default `default_shm_dir()`.
+        direct: True / False forces the call / the file; None asks the engine once (`takes_tensors`).
+    """
+
+    def __init__(
+        self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None, direct: bool | None = None
+    ):
         run_id = run_id or str(os.getpid())
         self.rank = rank
         self.path = Path(directory or default_shm_dir()) / f"apo-ray-{run_id}-rank{rank}.safetensors"
+        self.direct = direct
+        self._direct: dict[int, bool] = {}  # id(engine) -> whether it takes the weights in a call
+
+    def _takes_tensors(self, engine: Any) -> bool:
+        if self.direct is not None:
+            return self.direct
+        if id(engine) not in self._direct:
+            self._direct[id(engine)] = hasattr(engine, "takes_tensors") and bool(_call(engine, "takes_tensors"))
+        return self._direct[id(engine)]
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], engine: Any) -> PushStats:
         t0 = time.perf_counter()
         counted = _Counted(_nonempty(named_tensors, self.rank))
-        path = write_weights_shm(counted, self.path)
-        try:
-            _call(engine, "update_weights_from_file", path)
-        finally:
-            Path(path).unlink(missing_ok=True)
+        if self._takes_tensors(engine):
+            # One copy of the weights for the duration of the call (the file path streams instead).
+            _call(engine, "update_weights_from_wire", [to_wire(n, t) for n, t in counted])
+        else:
+            path = write_weights_shm(counted, self.path)
+            try:
+                _call(engine, "update_weights_from_file", path)
+            finally:
+                Path(path).unlink(missing_ok=True)
         return PushStats(tensors=counted.tensors, bytes=counted.bytes, seconds=time.perf_counter() - t0)
 
     def close(self) -> None:

@@ -20,9 +20,10 @@ from apo_ray.rollout.weight_sync import (
     _wait,
     iter_buckets,
     make_weight_sync,
+    to_wire,
     write_weights_shm,
 )
-from apo_ray.rollout.worker_ext import iter_safetensors
+from apo_ray.rollout.worker_ext import from_wire, iter_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -100,6 +101,51 @@ def test_shm_push(tmp_path):
     assert sync.path.name == "apo-ray-unit-rank3.safetensors"
     assert os.listdir(tmp_path) == []  # removed after the engine loaded it
     assert all(torch.equal(rec.loaded[0][k], v) for k, v in src.items())
+
+
+def test_wire_roundtrip_every_dtype_and_layout():
+    """to_wire -> (pickle, as Ray carries it) -> from_wire gives back every tensor bit for bit."""
+    import pickle
+
+    src = _tensors()
+    wire = pickle.loads(pickle.dumps([to_wire(n, t) for n, t in src.items()], protocol=5))
+    back = dict(from_wire(item) for item in wire)
+    assert list(back) == list(src)
+    for k, v in src.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+
+
+def test_from_wire_reads_a_read_only_array_without_warning():
+    import warnings
+
+    name, dtype, shape, data = to_wire("w", torch.arange(6.0).view(2, 3))
+    data = data.copy()
+    data.setflags(write=False)  # what Ray hands out of its object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(from_wire((name, dtype, shape, data))[1], torch.arange(6.0).view(2, 3))
+
+
+class _InProcessEngine(_Recorder):
+    """An engine whose worker is in its process: it takes the weights in the call."""
+
+    def takes_tensors(self) -> bool:
+        return True
+
+    def update_weights_from_wire(self, items: list) -> None:
+        self.loaded.append(dict(from_wire(item) for item in items))
+
+
+def test_shm_push_hands_tensors_to_an_in_process_engine_without_a_file(tmp_path):
+    src = _tensors()
+    eng = _InProcessEngine()
+    stats = ShmWeightSync(rank=0, run_id="unit", directory=str(tmp_path)).push(iter(src.items()), eng)
+    assert stats.tensors == len(src) and os.listdir(tmp_path) == []
+    assert all(torch.equal(eng.loaded[0][k], v) for k, v in src.items())
+    # forced through the file, the same engine reads the same weights from it
+    eng2 = _InProcessEngine()
+    ShmWeightSync(rank=0, directory=str(tmp_path), direct=False).push(iter(src.items()), eng2)
+    assert all(torch.equal(eng2.loaded[0][k], v) for k, v in src.items()) and os.listdir(tmp_path) == []
 
 
 def test_shm_push_empty_stream_raises_after_exhausting_it(tmp_path):
