@@ -5,6 +5,7 @@
     python jobs/bench.py compare --config demo   # A*-PO vs GRPO at equal wall-clock: accuracy curves, KL
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
     python jobs/bench.py floor   --config demo --steps 30   # Stage 1 and 2 against one plain process (the floor)
+    python jobs/bench.py sweep   --config demo --steps 4    # the same across model sizes and response lengths
 
 Each writes JSON under runs/bench/ and prints a table. They run on whatever machine
 they are started on; the README says which machine each quoted figure came from.
@@ -126,7 +127,7 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(vals)
 
 
-STEP_KEYS = ("step_s", "generate_s", "train_s", "sync_s", "peak_mem_gb")
+STEP_KEYS = ("step_s", "generate_s", "train_s", "sync_s", "peak_mem_gb", "response_len")
 
 
 def _stage2_vstar(cfg: Config) -> Config:
@@ -192,7 +193,7 @@ def bench_stage2(cfg: Config, steps: int = 12) -> dict:
 
 # ---------------------------------------------------------------- floor
 
-FLOOR_STEP_KEYS = ("step_s", "generate_s", "score_s", "update_s")
+FLOOR_STEP_KEYS = ("step_s", "generate_s", "score_s", "update_s", "response_len")
 
 
 def floor_figures(cfg: Config, steps: int) -> dict:
@@ -492,10 +493,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor"))
+    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep"))
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--steps", type=int, default=12, help="stage2, floor: steps per run")
     p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
+    p.add_argument("--prompts", type=int, default=256, help="sweep: Stage 1 prompts per point")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
     # Plain parse_args() rejects `compare --budget 120 train.eval_every=25`: the positional
     # overrides were already consumed (empty) before the options.
@@ -512,10 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.runtime import init_ray, versions
 
     t = time.time()
-    if args.which not in ("load", "floor"):  # load: a fresh Ray per scale; floor: Ray after the floor
+    if args.which not in ("load", "floor", "sweep"):  # load: a fresh Ray per scale; floor, sweep: Ray later
         init_ray(cfg.resources)
     if args.which == "floor":
         res = bench_floor(cfg, args.steps)
+    elif args.which == "sweep":
+        from apo_ray.sweep import bench_sweep
+
+        init_ray(cfg.resources)
+        res = bench_sweep(cfg, args.steps, args.prompts)
     elif args.which == "load":
         res = bench_load(args.config, args.overrides)
     elif args.which == "stage1":

@@ -168,6 +168,7 @@ class Floor:
             "kl": stats["log_ratio_mean"],
             "grad_norm": float(grad_norm),
             "gen_tokens": sum(len(r) for r in out.response_ids),
+            "response_len": sum(len(r) for r in out.response_ids) / len(out.response_ids),
         }
 
 
