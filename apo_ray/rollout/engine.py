@@ -224,6 +224,14 @@ class RolloutEngine:
         self.llm.collective_rpc("apo_reload_from_wire", args=(items,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
+    def update_weights_from_shm(self, path: str, token: str) -> None:
+        """Reload all weights from the learner's shared weight file: mapped once per `token`, read
+        through the mapping afterwards (`worker_ext.WeightSyncExtension.apo_reload_from_shm`)."""
+        if self.sync_backend is None:
+            raise RuntimeError("RolloutEngine was built with weight_sync=False; no worker extension to load weights")
+        self.llm.collective_rpc("apo_reload_from_shm", args=(str(path), token))
+        self.llm.reset_prefix_cache()
+
     def update_weights_from_file(self, path: str) -> None:
         """Reload all weights from a safetensors file of the full HF state dict (same node)."""
         if self.sync_backend is None:

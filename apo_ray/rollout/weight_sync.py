@@ -37,6 +37,7 @@ import socket
 import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,36 +203,41 @@ def to_wire(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], Any]:
 
 
 class ShmWeightSync:
-    """CPU backend: the weights as call arguments (an engine whose worker is in its process), else a
-    safetensors file in /dev/shm; the engine's worker extension reloads them.
+    """CPU backend: the weights through shared memory on the node; the engine's worker extension reloads them.
+
+    Modes:
+        "map" (default): a safetensors file in /dev/shm that both sides map once; every later push
+            copies the weights into the mapped pages in place (no file written, nothing serialised)
+            and tells the engine to reload through its mapping. Once the engine has mapped the file
+            its name is removed, so nothing outlives the two processes; a push whose names, dtypes or
+            shapes differ from the mapped ones (or to an engine that has not mapped it) writes a new one.
+        "wire": the weights as arguments of one call, for an engine whose worker is in its process.
+        "file": a new safetensors file per push, deleted after the reload.
+    An engine without the "map" method (`update_weights_from_shm`) gets "file".
 
     Args:
         rank, run_id: name the file (so concurrent runs and ranks do not collide).
         directory: of the file; default `default_shm_dir()`.
-        direct: True / False forces the call / the file; None asks the engine once (`takes_tensors`).
+        mode: "map" | "wire" | "file".
     """
 
-    def __init__(
-        self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None, direct: bool | None = None
-    ):
+    def __init__(self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None, mode: str = "map"):
+        if mode not in ("map", "wire", "file"):
+            raise ValueError(f"mode must be map, wire or file, got {mode!r}")
         run_id = run_id or str(os.getpid())
-        self.rank = rank
+        self.rank, self.mode = rank, mode
         self.path = Path(directory or default_shm_dir()) / f"apo-ray-{run_id}-rank{rank}.safetensors"
-        self.direct = direct
-        self._direct: dict[int, bool] = {}  # id(engine) -> whether it takes the weights in a call
-
-    def _takes_tensors(self, engine: Any) -> bool:
-        if self.direct is not None:
-            return self.direct
-        if id(engine) not in self._direct:
-            self._direct[id(engine)] = hasattr(engine, "takes_tensors") and bool(_call(engine, "takes_tensors"))
-        return self._direct[id(engine)]
+        self._views: list | None = None  # worker_ext.MappedTensor of the mapped file, in file order
+        self._token = ""
+        self._engines: set[int] = set()  # id() of the engines that mapped the current file
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], engine: Any) -> PushStats:
         t0 = time.perf_counter()
         counted = _Counted(_nonempty(named_tensors, self.rank))
-        if self._takes_tensors(engine):
-            # One copy of the weights for the duration of the call (the file path streams instead).
+        mode = self.mode if self.mode == "file" or hasattr(engine, "update_weights_from_shm") else "file"
+        if mode == "map":
+            self._push_mapped(counted, engine)
+        elif mode == "wire":
             _call(engine, "update_weights_from_wire", [to_wire(n, t) for n, t in counted])
         else:
             path = write_weights_shm(counted, self.path)
@@ -241,8 +247,45 @@ class ShmWeightSync:
                 Path(path).unlink(missing_ok=True)
         return PushStats(tensors=counted.tensors, bytes=counted.bytes, seconds=time.perf_counter() - t0)
 
+    def _push_mapped(self, named: Iterable[tuple[str, torch.Tensor]], engine: Any) -> None:
+        rest = copy_into_views(named, self._views) if self._views is not None else named
+        if rest is not None or id(engine) not in self._engines:
+            self._remap(rest if rest is not None else [(m.name, m.read()) for m in self._views or []])
+        _call(engine, "update_weights_from_shm", str(self.path), self._token)
+        if not self._engines:  # the first engine has it mapped: the name can go
+            self.path.unlink(missing_ok=True)
+        self._engines.add(id(engine))
+
+    def _remap(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from apo_ray.rollout.worker_ext import map_safetensors
+
+        write_weights_shm(named, self.path)
+        self._views = map_safetensors(str(self.path))
+        self._token = uuid.uuid4().hex
+        self._engines = set()
+
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
+        self._views, self._engines = None, set()
+
+
+def copy_into_views(named_tensors: Iterable[tuple[str, torch.Tensor]], views: list) -> Iterable | None:
+    """Copy each (name, tensor) into the mapped tensor (`worker_ext.MappedTensor`) of the same name,
+    dtype and shape at the same position.
+
+    Returns None when the stream matched `views` exactly (every one now holds the new values);
+    otherwise the whole stream to write afresh: the tensors already copied, then the first that did
+    not match, then the rest of the stream, unread (a ZeRO-3 gather streams; nothing is held).
+    """
+    it = iter(named_tensors)
+    i = 0
+    for name, t in it:
+        m = views[i] if i < len(views) else None
+        if m is None or m.name != name or m.dtype != t.dtype or m.shape != list(t.shape):
+            return itertools.chain(((v.name, v.read()) for v in views[:i]), [(name, t)], it)
+        m.write(t)
+        i += 1
+    return None if i == len(views) else [(v.name, v.read()) for v in views[:i]]
 
 
 class _Counted:

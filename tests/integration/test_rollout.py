@@ -130,9 +130,9 @@ def test_logprobs_are_learner_logprobs(engine, model_a, temperature):
         assert _max_seq_gap(model, res, 1.0) > 10 * TOL
 
 
-@pytest.mark.parametrize("direct", [None, False], ids=["in-call", "file"])
-def test_weight_sync_shm(engine, model_a, model_b, direct):
-    """Both CPU data planes: the weights as call arguments (this in-process engine's default) and the file."""
+@pytest.mark.parametrize("mode", ["map", "wire", "file"])
+def test_weight_sync_shm(engine, model_a, model_b, mode):
+    """Every CPU data plane: the shared mapping (the default), the call's arguments, a file per push."""
     from apo_ray.rollout.weight_sync import ShmWeightSync
 
     assert engine.takes_tensors()  # one in-process worker: collective_rpc passes tensors as they are
@@ -140,11 +140,11 @@ def test_weight_sync_shm(engine, model_a, model_b, direct):
     before = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
     assert len(before[0].prompt_token_ids) > 128
     assert _max_seq_gap(a, before) < TOL
-    sync = ShmWeightSync(rank=0, run_id="test-rollout", direct=direct)
+    sync = ShmWeightSync(rank=0, run_id="test-rollout", mode=mode)
     try:
         stats = sync.push(b.state_dict().items(), engine)
         assert stats.tensors == len(b.state_dict()) and stats.bytes > 0
-        assert not sync.path.exists()  # never written (in-call) or removed once the engine has it (file)
+        assert not sync.path.exists()  # never written (wire), or unlinked once the engine has it (map, file)
         # same prompts again: the prefix cache (KV of model A) must have been dropped
         # (without the reset the gap measured 0.7)
         after = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
