@@ -3,7 +3,7 @@
 Imports are deferred: importing this package pulls in neither vLLM nor torch.
 """
 
-__all__ = ["Completion", "PromptResult", "RolloutEngine", "make_weight_sync", "to_wire", "write_weights_shm"]
+__all__ = ["Completion", "PromptResult", "RolloutEngine", "make_weight_sync", "write_weights_shm"]
 
 
 def __getattr__(name: str):
@@ -11,7 +11,7 @@ def __getattr__(name: str):
         from apo_ray.rollout import engine
 
         return getattr(engine, name)
-    if name in ("make_weight_sync", "to_wire", "write_weights_shm"):
+    if name in ("make_weight_sync", "write_weights_shm"):
         from apo_ray.rollout import weight_sync
 
         return getattr(weight_sync, name)

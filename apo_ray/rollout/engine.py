@@ -3,9 +3,9 @@
 What: `RolloutEngine` is a plain class (Stage 1 samplers, Stage 2 rollout replicas and eval
 workers wrap it with ``ray.remote(...)`` where they create actors). ``generate`` sends one
 request per prompt with ``SamplingParams(n=N)`` and returns token ids, text, finish reason and
-the engine's log-prob of every sampled token. ``update_weights_from_wire`` (worker in this
-process) and ``update_weights_from_file`` (a safetensors file) reload weights on the CPU (see
-`worker_ext`); the GPU backends drive vLLM's
+the engine's log-prob of every sampled token. ``update_weights_from_shm`` (a shared mapping of a
+file in /dev/shm) and ``update_weights_from_file`` reload weights on the CPU (see `worker_ext`);
+the GPU backends drive vLLM's
 native weight-transfer API through ``init_weight_transfer_engine`` / ``start_weight_update`` /
 ``update_weights`` / ``finish_weight_update`` (see `weight_sync`).
 
@@ -202,27 +202,6 @@ class RolloutEngine:
         return results
 
     # ------------------------------------------------------------ weights
-
-    def takes_tensors(self) -> bool:
-        """Whether `update_weights_from_wire` works here: weight sync is on and vLLM's one worker runs
-        in this process (engine core in-process, "uni" executor: `single_process_cpu_kwargs`), so
-        ``collective_rpc`` hands it its arguments without serialising them."""
-        from vllm.v1.executor.uniproc_executor import UniProcExecutor
-
-        executor = getattr(self.llm.llm_engine, "model_executor", None)  # set only without multiprocessing
-        return self.sync_backend is not None and isinstance(executor, UniProcExecutor)
-
-    def update_weights_from_wire(self, items: list) -> None:
-        """Reload all weights from `weight_sync.to_wire` tuples of the full HF state dict (no file).
-
-        Raises:
-            RuntimeError: the worker is in another process (`takes_tensors` is False); use
-                `update_weights_from_file`.
-        """
-        if not self.takes_tensors():
-            raise RuntimeError("this engine's worker runs in another process: push weights through a file")
-        self.llm.collective_rpc("apo_reload_from_wire", args=(items,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def update_weights_from_shm(self, path: str, token: str) -> None:
         """Reload all weights from the learner's shared weight file: mapped once per `token`, read

@@ -2,15 +2,13 @@
 
 One interface, three backends, chosen by ``make_weight_sync(backend, ...)``:
 
-- "shm" (CPU; tested): through shared memory on the node. When the engine's vLLM worker runs in
-  the engine's own process (the CPU default; `RolloutEngine.takes_tensors`), the weights go as
-  arguments of one call (`to_wire`: each tensor's bytes as a numpy array, which Ray carries
-  through its object store in /dev/shm and hands out without a copy) and the worker reloads from
-  them (`update_weights_from_wire`): no file. Otherwise the learner streams (name, tensor) pairs
-  into a safetensors file in /dev/shm (`write_weights_shm`), the engine reloads from it
-  (`RolloutEngine.update_weights_from_file` -> `worker_ext.WeightSyncExtension`), the file is
-  deleted. Engine and learner must share a node (the Stage 2 loop pins the engine to its
-  learner's node).
+- "shm" (CPU; tested): through shared memory on the node. The first push streams (name, tensor)
+  pairs into a safetensors file in /dev/shm (`write_weights_shm`) that the learner and the engine's
+  worker both map (`worker_ext.map_safetensors`); every later push copies the weights into the
+  mapped pages in place and the engine reloads through its mapping
+  (`RolloutEngine.update_weights_from_shm` -> `worker_ext.WeightSyncExtension`): no file is written
+  and nothing is serialised. The file's name is removed once the engine holds the mapping. Engine
+  and learner must share a node (the Stage 2 loop pins the engine to its learner's node).
 - "ipc" (colocated GPUs) and "nccl" (engine on other GPUs): vLLM's native weight-transfer API
   (``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
   ``finish_weight_update``), with tensors packed into buckets of ``bucket_bytes`` (512 MiB by
@@ -193,15 +191,6 @@ def write_weights_shm(named_tensors: Iterable[tuple[str, torch.Tensor]], path: s
     return str(path)
 
 
-def to_wire(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], Any]:
-    """(name, dtype name, shape, the bytes as a flat uint8 numpy array): a tensor as Ray carries it
-    best (numpy arrays travel out of band through the object store and arrive without a copy; any
-    dtype, bfloat16 included). The array shares the memory of a CPU contiguous `tensor`; Ray
-    copies it when the call is made. `worker_ext.from_wire` is the inverse."""
-    t = tensor.detach().to("cpu").contiguous()
-    return name, str(t.dtype).removeprefix("torch."), list(t.shape), t.reshape(-1).view(torch.uint8).numpy()
-
-
 class ShmWeightSync:
     """CPU backend: the weights through shared memory on the node; the engine's worker extension reloads them.
 
@@ -211,19 +200,18 @@ class ShmWeightSync:
             and tells the engine to reload through its mapping. Once the engine has mapped the file
             its name is removed, so nothing outlives the two processes; a push whose names, dtypes or
             shapes differ from the mapped ones (or to an engine that has not mapped it) writes a new one.
-        "wire": the weights as arguments of one call, for an engine whose worker is in its process.
         "file": a new safetensors file per push, deleted after the reload.
     An engine without the "map" method (`update_weights_from_shm`) gets "file".
 
     Args:
         rank, run_id: name the file (so concurrent runs and ranks do not collide).
         directory: of the file; default `default_shm_dir()`.
-        mode: "map" | "wire" | "file".
+        mode: "map" | "file".
     """
 
     def __init__(self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None, mode: str = "map"):
-        if mode not in ("map", "wire", "file"):
-            raise ValueError(f"mode must be map, wire or file, got {mode!r}")
+        if mode not in ("map", "file"):
+            raise ValueError(f"mode must be map or file, got {mode!r}")
         run_id = run_id or str(os.getpid())
         self.rank, self.mode = rank, mode
         self.path = Path(directory or default_shm_dir()) / f"apo-ray-{run_id}-rank{rank}.safetensors"
@@ -237,8 +225,6 @@ class ShmWeightSync:
         mode = self.mode if self.mode == "file" or hasattr(engine, "update_weights_from_shm") else "file"
         if mode == "map":
             self._push_mapped(counted, engine)
-        elif mode == "wire":
-            _call(engine, "update_weights_from_wire", [to_wire(n, t) for n, t in counted])
         else:
             path = write_weights_shm(counted, self.path)
             try:

@@ -2,16 +2,15 @@
 
 What: `WeightSyncExtension` is mixed into every vLLM worker by passing
 ``worker_extension_cls="apo_ray.rollout.worker_ext.WeightSyncExtension"`` to ``vllm.LLM``;
-the rollout engine then calls ``llm.collective_rpc("apo_reload_from_wire", args=(items,))``
-(worker in the engine's process) or ``llm.collective_rpc("apo_reload_from_file", args=(path,))``.
+the rollout engine then calls ``llm.collective_rpc("apo_reload_from_shm", args=(path, token))``
+(or ``"apo_reload_from_file"``).
 
-Why a file, sometimes: tensors passed inside ``collective_rpc`` arguments do not survive vLLM's
-msgpack transport between processes (they arrive as lists). When the worker runs in the engine's
-own process (the CPU default: one in-process worker) ``collective_rpc`` is a plain call and the
-weights go in as they are (`apo_reload_from_wire`). Otherwise the data plane is a safetensors
-file that the learner writes to /dev/shm (`apo_ray.rollout.weight_sync.write_weights_shm`) and
-the worker memory-maps here. Both are CPU paths (vLLM-CPU has no CUDA IPC / NCCL); the file
-also works on GPUs as a fallback.
+Why a file: tensors passed inside ``collective_rpc`` arguments do not survive vLLM's msgpack
+transport between processes (they arrive as lists), so the data plane is a safetensors file in
+/dev/shm that the learner writes once (`apo_ray.rollout.weight_sync.write_weights_shm`) and both
+sides map (`map_safetensors`): afterwards the learner copies new weights into the shared pages and
+the worker reloads through its mapping, with no file written or read. This is the CPU path
+(vLLM-CPU has no CUDA IPC / NCCL); it also works on GPUs as a fallback.
 
 Why ``reload_weights`` and not ``model.load_weights``: after start-up vLLM-CPU repacks
 weights into kernel layouts, and plain ``load_weights`` then fails ("Attempted to load
@@ -31,29 +30,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-
-def from_wire(item: tuple[str, str, list[int], Any]) -> tuple[str, torch.Tensor]:
-    """(name, tensor) from `weight_sync.to_wire`'s (name, dtype name, shape, uint8 array of the bytes).
-
-    The array may be read-only (Ray hands arguments out of its object store without a copy); the
-    tensor shares its memory and is only read (the reload copies it into the model).
-    """
-    import warnings
-
-    import torch
-
-    name, dtype, shape, data = item
-    with warnings.catch_warnings():  # "The given NumPy array is not writable": it is not written
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(data) if not isinstance(data, torch.Tensor) else data
-    if flat.numel() == 0:  # an empty array's stride may be 0, which view() refuses
-        return name, torch.empty(shape, dtype=getattr(torch, dtype))
-    return name, flat.view(getattr(torch, dtype)).reshape(shape)
 
 
 # safetensors dtype tag -> torch dtype name
@@ -188,15 +168,3 @@ class WeightSyncExtension:
             _MAPPED[path] = cached = (token, map_safetensors(path))
         self.reload_weights(weights_iterator=((m.name, m.read()) for m in cached[1]))  # type: ignore[attr-defined]
         return {"tensors": len(cached[1]), "seconds": time.perf_counter() - t0}
-
-    def apo_reload_from_wire(self, items: list) -> dict:
-        """Reload every weight in `items` (`weight_sync.to_wire` tuples), handed over in this process.
-
-        Only for an engine whose worker runs in the caller's process (`RolloutEngine.takes_tensors`):
-        there ``collective_rpc`` passes its arguments as they are; across processes vLLM's msgpack
-        transport would turn the arrays into lists.
-        """
-        _quiet_reload_logs()
-        t0 = time.perf_counter()
-        self.reload_weights(weights_iterator=(from_wire(item) for item in items))  # type: ignore[attr-defined]
-        return {"tensors": len(items), "seconds": time.perf_counter() - t0}

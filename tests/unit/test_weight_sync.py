@@ -21,10 +21,9 @@ from apo_ray.rollout.weight_sync import (
     copy_into_views,
     iter_buckets,
     make_weight_sync,
-    to_wire,
     write_weights_shm,
 )
-from apo_ray.rollout.worker_ext import from_wire, iter_safetensors, map_safetensors
+from apo_ray.rollout.worker_ext import iter_safetensors, map_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -104,36 +103,6 @@ def test_shm_push(tmp_path):
     assert all(torch.equal(rec.loaded[0][k], v) for k, v in src.items())
 
 
-def test_wire_roundtrip_every_dtype_and_layout():
-    """to_wire -> (pickle, as Ray carries it) -> from_wire gives back every tensor bit for bit."""
-    import pickle
-
-    src = _tensors()
-    wire = pickle.loads(pickle.dumps([to_wire(n, t) for n, t in src.items()], protocol=5))
-    back = dict(from_wire(item) for item in wire)
-    assert list(back) == list(src)
-    for k, v in src.items():
-        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
-
-
-def test_from_wire_reads_a_read_only_array_without_warning():
-    import warnings
-
-    name, dtype, shape, data = to_wire("w", torch.arange(6.0).view(2, 3))
-    data = data.copy()
-    data.setflags(write=False)  # what Ray hands out of its object store
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.equal(from_wire((name, dtype, shape, data))[1], torch.arange(6.0).view(2, 3))
-
-
-class _InProcessEngine(_Recorder):
-    """An engine whose worker is in its process: it takes the weights in the call."""
-
-    def update_weights_from_wire(self, items: list) -> None:
-        self.loaded.append(dict(from_wire(item) for item in items))
-
-
 class _MappingEngine(_Recorder):
     """An engine that reloads through its mapping of the learner's file, as the worker extension does."""
 
@@ -151,14 +120,6 @@ class _MappingEngine(_Recorder):
 
 def _equal(got: dict, want: dict) -> bool:
     return list(got) == list(want) and all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
-
-
-def test_shm_push_wire_mode_hands_tensors_over_without_a_file(tmp_path):
-    src = _tensors()
-    eng = _InProcessEngine()
-    stats = ShmWeightSync(rank=0, run_id="unit", directory=str(tmp_path), mode="wire").push(iter(src.items()), eng)
-    assert stats.tensors == len(src) and os.listdir(tmp_path) == []
-    assert _equal(eng.loaded[0], src)
 
 
 def test_shm_push_map_mode_writes_once_then_copies_in_place(tmp_path):
