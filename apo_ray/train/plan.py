@@ -2,18 +2,17 @@
 
 The plan travels to every worker; nothing in it is written back into the config. Decisions
 made here and nowhere else: the weight-sync backend, whether the replica sleeps while the
-learner trains, the rollout engine's settings, the mini-batch shapes, the CPU threads.
+learner trains, the rollout engine's settings, the mini-batch shapes.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from apo_ray.config import Config
 from apo_ray.errors import ConfigError
-from apo_ray.launch import EngineSpec, colocated_worker_resources, engine_spec
+from apo_ray.launch import EngineSpec, engine_spec
 from apo_ray.runtime import resolve_dtype, worker_env
 
 
@@ -76,21 +75,5 @@ def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stag
             weight_sync=backend,
         ),
         output_dir=str(Path(t.output_dir).expanduser().resolve()),
-        env=_stage2_env(cfg, device),
+        env=worker_env(cfg, device),
     )
-
-
-def _stage2_env(cfg: Config, device: str) -> dict:
-    """The environment of the learner workers and their replicas.
-
-    On CPU a learner and its replica take turns (the replica samples while the learner waits, the
-    learner trains while the replica idles), so each computes with every CPU the learner's worker
-    reserved for both (`colocated_worker_resources`): the replica's vLLM reads OMP_NUM_THREADS (Ray
-    would set it to the replica's own 0 CPUs, i.e. 1 thread), the learner raises its threads for the
-    update (`recipe.update`). An OMP_NUM_THREADS in the driver's environment wins.
-    """
-    env = worker_env(cfg, device)
-    if device == "cpu":
-        reserved = colocated_worker_resources(device, cfg.train.placement, cfg.resources.cpus_per_actor)["CPU"]
-        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, int(reserved))))
-    return env

@@ -392,36 +392,21 @@ def score(ctx: StepContext, rows: list[dict], results: list) -> Rollout:
 
 
 def update(ctx: StepContext, batch: Any) -> list[dict]:
-    """Phase 3: one optimizer step per mini-batch (GRPO first takes the old policy's log-probs).
-
-    On CPU the learner computes with every CPU its worker reserved, its replica's too
-    (`launch.colocated_worker_resources`): the replica idles while the learner trains.
-    """
-    import torch
-
-    from apo_ray.launch import colocated_worker_resources
-
+    """Phase 3: one optimizer step per mini-batch (GRPO first takes the old policy's log-probs)."""
     algo, plan = ctx.cfg.train.algo, ctx.plan
-    threads = torch.get_num_threads()
-    if plan.device == "cpu":
-        reserved = colocated_worker_resources("cpu", ctx.cfg.train.placement, ctx.cfg.resources.cpus_per_actor)
-        torch.set_num_threads(max(threads, int(reserved["CPU"])))
-    try:
-        old_logp = ctx.learner.logprobs(batch, ref=False) if algo == "grpo" else None
-        per_mb = len(batch) // plan.num_minibatches
-        stats = []
-        for i in range(plan.num_minibatches):
-            sl = slice(i * per_mb, (i + 1) * per_mb)
-            stats.append(
-                ctx.learner.train_minibatch(
-                    batch.slice(sl),
-                    algo=algo,
-                    normalizer_seqs=plan.seqs_per_minibatch,
-                    old_logp_BT=old_logp[sl] if old_logp is not None else None,
-                )
+    old_logp = ctx.learner.logprobs(batch, ref=False) if algo == "grpo" else None
+    per_mb = len(batch) // plan.num_minibatches
+    stats = []
+    for i in range(plan.num_minibatches):
+        sl = slice(i * per_mb, (i + 1) * per_mb)
+        stats.append(
+            ctx.learner.train_minibatch(
+                batch.slice(sl),
+                algo=algo,
+                normalizer_seqs=plan.seqs_per_minibatch,
+                old_logp_BT=old_logp[sl] if old_logp is not None else None,
             )
-    finally:
-        torch.set_num_threads(threads)
+        )
     return stats
 
 

@@ -81,13 +81,3 @@ def test_a_learner_worker_reserves_its_colocated_replica_too():
     assert colocated_worker_resources("cuda", "colocate", 2.0) == {"CPU": 3.0, "GPU": 1.0}
     assert colocated_worker_resources("cuda", "separate", 2.0) == {"CPU": 1.0, "GPU": 1.0}
 
-
-def test_on_cpu_the_learner_and_its_replica_each_compute_with_both_their_cpus(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert make_plan(load_config("demo"), "/m", "cpu", "arith").env["OMP_NUM_THREADS"] == "2"
-    cfg = load_config("demo", ["resources.cpus_per_actor=2", "resources.num_cpus=8"])
-    assert make_plan(cfg, "/m", "cpu", "arith").env["OMP_NUM_THREADS"] == "4"
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
-    assert make_plan(load_config("demo"), "/m", "cpu", "arith").env["OMP_NUM_THREADS"] == "3"
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert "OMP_NUM_THREADS" not in make_plan(load_config("demo", ["train.zero_stage=2"]), "/m", "cuda", "arith").env
