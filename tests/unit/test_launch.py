@@ -80,4 +80,3 @@ def test_a_learner_worker_reserves_its_colocated_replica_too():
     assert colocated_worker_resources("cpu", "colocate", 1.0) == {"CPU": 2.0}
     assert colocated_worker_resources("cuda", "colocate", 2.0) == {"CPU": 3.0, "GPU": 1.0}
     assert colocated_worker_resources("cuda", "separate", 2.0) == {"CPU": 1.0, "GPU": 1.0}
-
