@@ -76,6 +76,22 @@ def single_process_cpu_kwargs() -> dict:
     return {"distributed_executor_backend": "uni"}
 
 
+def sampled_logprobs(token_ids: list[int], flat) -> list[float]:
+    """The log-prob of each sampled token from vLLM's `FlatLogprobs` of a completion.
+
+    With ``logprobs=0`` each position holds the sampled token's entry (vLLM puts it first, before
+    any top-k ones); its token id is checked against the completion's.
+    """
+    out = []
+    for tok, start, end in zip(token_ids, flat.start_indices, flat.end_indices):
+        if end <= start or flat.token_ids[start] != tok:
+            raise RuntimeError(f"vLLM returned no log-prob for sampled token {tok}")
+        out.append(flat.logprobs[start])
+    if len(out) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(out)} log-probs for {len(token_ids)} tokens")
+    return out
+
+
 class RolloutEngine:
     """A vLLM engine for sampling, with in-place weight updates.
 
@@ -187,6 +203,7 @@ class RolloutEngine:
                 max_tokens=max_tokens,
                 seed=None if seed is None else seed + i * n,
                 logprobs=0 if logprobs else None,  # 0: only the sampled token's log-prob
+                flat_logprobs=True,  # plain lists, not a dict + Logprob object per token
             )
             for i in range(len(prompts))
         ]
@@ -196,7 +213,7 @@ class RolloutEngine:
             comps = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)] if logprobs else []
+                lps = sampled_logprobs(ids, c.logprobs) if logprobs else []
                 comps.append(Completion(text=c.text, token_ids=ids, logprobs=lps, finish_reason=str(c.finish_reason)))
             results.append(PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=comps))
         return results
