@@ -81,58 +81,77 @@ def floor_vstar_batch(cfg: Config, model_cfg: dict, max_tokens: int) -> int:
 
 def bench_sweep(cfg: Config, steps: int, prompts: int) -> dict:
     """Every point of `sweep_points`: apo-ray and the floor, Stage 1 and Stage 2 (see the module doc)."""
+    from apo_ray.bench import OUT
+    from apo_ray.storage import strict_json
+
+    rows = []
+    points = sorted(sweep_points(), key=lambda p: _rough_cost(*p))  # cheap first: partial results come early
+    for label, max_tokens in points:
+        try:
+            rows.append(_sweep_point(cfg, label, max_tokens, steps, prompts))
+        except Exception as e:  # noqa: BLE001 - one point failing (e.g. memory) must not lose the others
+            log.exception("sweep point %s / %d tokens failed", label, max_tokens)
+            rows.append({"size": label, "max_tokens": max_tokens, "error": f"{type(e).__name__}: {e}"})
+        (OUT / "sweep_partial.json").write_text(strict_json({"points": rows}, indent=2) + "\n")
+    res = {"steps": steps, "prompts": prompts, "points": rows}
+    plot_sweep(res, OUT / "sweep.png")
+    return res
+
+
+def _rough_cost(label: str, max_tokens: int) -> float:
+    recipe = dict(SIZES)[label] or {"hidden_size": 128, "num_hidden_layers": 2}
+    return recipe["hidden_size"] ** 2 * recipe["num_hidden_layers"] * (max_tokens + 32)
+
+
+def _sweep_point(cfg: Config, label: str, max_tokens: int, steps: int, prompts: int) -> dict:
+    """One point: the floor, then apo-ray's Stage 1 and Stage 2, on `prompts` prompts at `max_tokens`."""
     import dataclasses
     import json
 
     from apo_ray import vstar
     from apo_ray.bench import OUT, _stage2_run, _with, floor_figures
 
-    rows = []
-    for label, max_tokens in sweep_points():
-        path, params = model_for(label)
-        model_cfg = json.loads((Path(path) / "config.json").read_text())
-        scratch = str(OUT / "sweep_vstar")
-        c = _with(
-            cfg,
-            model={"path": path},
-            data={"arith": dataclasses.replace(cfg.data.arith, num_train=prompts)},
-            sampling={"max_tokens": max_tokens},
-            vstar={"output_dir": scratch, "overwrite": True},
-            train={"vstar_dir": scratch},
-        )
-        c = _with(c, vstar={"batch_size": floor_vstar_batch(c, model_cfg, max_tokens)})
-        t = time.time()
-        floor = floor_figures(c, steps)
-        manifest = vstar.run(c)
-        s2 = _stage2_run(c, "astar_po", steps)
-        row = {
-            "size": label,
-            "params": params,
-            "max_tokens": max_tokens,
-            "vstar_batch_size": c.vstar.batch_size,
-            "floor_step_s": floor["step"]["step_s"],
-            "floor_step": floor["step"],
-            "apo_step_s": s2["step_s"],
-            "apo_step": s2,
-            "floor_stage1_s": floor["vstar_pass_incl_start_s"],
-            "apo_stage1_wall_s": manifest["wall_time_s"],
-            "apo_stage1_work_s": manifest["shard_seconds"],
-            "stage1_tokens": manifest["counts"]["generated_tokens"],
-            "floor_stage1_tokens": floor["vstar_pass"]["tokens"],
-            "floor_response_len": floor["step"]["response_len"],
-            "apo_response_len": s2["response_len"],
-            "seconds": time.time() - t,
-        }
-        rows.append(row)
-        print(
-            f"{label:>16s} {params / 1e6:6.1f}M {max_tokens:4d} tok: step floor {row['floor_step_s']:.3f} s, "
-            f"apo-ray {row['apo_step_s']:.3f} s ({row['apo_step_s'] / row['floor_step_s']:.2f}x); Stage 1 floor "
-            f"{row['floor_stage1_s']:.1f} s, apo-ray {row['apo_stage1_wall_s']:.1f} s wall / "
-            f"{row['apo_stage1_work_s']:.1f} s work"
-        )
-    res = {"steps": steps, "prompts": prompts, "points": rows}
-    plot_sweep(res, OUT / "sweep.png")
-    return res
+    path, params = model_for(label)
+    model_cfg = json.loads((Path(path) / "config.json").read_text())
+    scratch = str(OUT / "sweep_vstar")
+    c = _with(
+        cfg,
+        model={"path": path},
+        data={"arith": dataclasses.replace(cfg.data.arith, num_train=prompts)},
+        sampling={"max_tokens": max_tokens},
+        vstar={"output_dir": scratch, "overwrite": True},
+        train={"vstar_dir": scratch},
+    )
+    c = _with(c, vstar={"batch_size": floor_vstar_batch(c, model_cfg, max_tokens)})
+    t = time.time()
+    floor = floor_figures(c, steps)
+    manifest = vstar.run(c)
+    s2 = _stage2_run(c, "astar_po", steps)
+    row = {
+        "size": label,
+        "params": params,
+        "max_tokens": max_tokens,
+        "vstar_batch_size": c.vstar.batch_size,
+        "floor_step_s": floor["step"]["step_s"],
+        "floor_step": floor["step"],
+        "apo_step_s": s2["step_s"],
+        "apo_step": s2,
+        "floor_stage1_s": floor["vstar_pass_incl_start_s"],
+        "apo_stage1_wall_s": manifest["wall_time_s"],
+        "apo_stage1_work_s": manifest["shard_seconds"],
+        "stage1_tokens": manifest["counts"]["generated_tokens"],
+        "floor_stage1_tokens": floor["vstar_pass"]["tokens"],
+        "floor_response_len": floor["step"]["response_len"],
+        "apo_response_len": s2["response_len"],
+        "seconds": time.time() - t,
+    }
+    print(
+        f"{label:>16s} {params / 1e6:6.1f}M {max_tokens:4d} tok: step floor {row['floor_step_s']:.3f} s, "
+        f"apo-ray {row['apo_step_s']:.3f} s ({row['apo_step_s'] / row['floor_step_s']:.2f}x); Stage 1 floor "
+        f"{row['floor_stage1_s']:.1f} s, apo-ray {row['apo_stage1_wall_s']:.1f} s wall / "
+        f"{row['apo_stage1_work_s']:.1f} s work"
+    )
+    return row
 
 
 def plot_sweep(res: dict, out: Path) -> None:
@@ -142,9 +161,9 @@ def plot_sweep(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = res["points"]
-    size_line = [p for p in pts if p["max_tokens"] == 8]
-    len_line = [p for p in pts if p["size"] == LENGTH_MODEL]
+    pts = [p for p in res["points"] if "error" not in p]
+    size_line = sorted((p for p in pts if p["max_tokens"] == 8), key=lambda p: p["params"])
+    len_line = sorted((p for p in pts if p["size"] == LENGTH_MODEL), key=lambda p: p["max_tokens"])
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = (
         (axes[0, 0], size_line, "params", ("floor_step_s", "apo_step_s"), "Stage 2 s/step (64 prompts)"),
