@@ -1,0 +1,26 @@
+"""The floor's pure parts: cutting HF generate's output into responses."""
+
+from __future__ import annotations
+
+import torch
+
+from apo_ray.floor import split_responses
+
+EOS, PAD = 256, 257
+
+
+def test_responses_stop_after_the_first_eos_and_keep_it():
+    # 2 prompt columns (left-padded), then 4 new tokens; row 1 stopped early and was padded
+    out_BT = torch.tensor(
+        [
+            [PAD, 7, 49, 50, EOS, PAD],
+            [5, 7, 49, EOS, PAD, PAD],
+            [5, 7, 49, 50, 51, 52],  # hit max_new_tokens: no EOS
+            [PAD, 7, EOS, 49, EOS, PAD],  # only the first EOS counts
+        ]
+    )
+    assert split_responses(out_BT, 2, EOS) == [[49, 50, EOS], [49, EOS], [49, 50, 51, 52], [EOS]]
+
+
+def test_no_new_tokens():
+    assert split_responses(torch.tensor([[1, 2], [3, 4]]), 2, EOS) == [[], []]
