@@ -52,6 +52,31 @@ def split_responses(out_BT: torch.Tensor, prompt_len: int, eos_id: int) -> list[
     return out
 
 
+def check_floor_config(cfg: Config) -> None:
+    """The floor implements one optimizer step per step on the whole batch in float32, with no
+    warm-up and no entropy bonus: a config asking for more would make its ratio unfair.
+
+    Raises:
+        ConfigError: naming the key the floor does not implement.
+    """
+    from apo_ray.errors import ConfigError
+
+    t = cfg.train
+    unsupported = {
+        "train.algo": t.algo != "astar_po",
+        "train.mini_batch_size": t.mini_batch_size != t.rollout_batch_size,
+        "train.warmup_steps": t.warmup_steps > 0,
+        "train.entropy_coef": t.entropy_coef > 0,
+        "model.dtype": cfg.model.dtype not in ("auto", "float32"),
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise ConfigError(
+                f"config key '{key}': the floor (jobs/bench.py floor/sweep) implements A*-PO with one float32 "
+                "optimizer step per step, no warm-up and no entropy bonus; bench a config without it"
+            )
+
+
 class Floor:
     """The one-process A*-PO trainer: policy, frozen reference, AdamW, reward.
 
@@ -67,6 +92,7 @@ class Floor:
 
         from apo_ray.rewards import RewardScorer, get_reward_fn, reward_fn_name
 
+        check_floor_config(cfg)
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -147,9 +173,10 @@ class Floor:
         t2 = time.perf_counter()
         self.policy.train()
         ids, mask = batch.input_ids_BT, batch.attention_mask_BT
-        logp_BT = aligned_logprobs(self.policy(input_ids=ids, attention_mask=mask).logits, ids, temp)
+        logp_BT = aligned_logprobs(self.policy(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, temp)
         with torch.no_grad():
-            ref_logp_BT = aligned_logprobs(self.ref(input_ids=ids, attention_mask=mask).logits, ids, temp)
+            ref_logits = self.ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            ref_logp_BT = aligned_logprobs(ref_logits, ids, temp)
         loss, stats = astar_po_loss(
             logp_BT, ref_logp_BT, batch.response_mask_BT, batch.reward_B, batch.vstar_B, t.beta2
         )
@@ -185,4 +212,4 @@ def floor_steps(floor: Floor, prompts: list[dict], vstar_P: list[float], cfg: Co
     return rows
 
 
-__all__ = ["Floor", "Sampled", "floor_steps", "split_responses"]
+__all__ = ["Floor", "Sampled", "check_floor_config", "floor_steps", "split_responses"]

@@ -122,16 +122,18 @@ def _sweep_point(cfg: Config, label: str, max_tokens: int, steps: int, prompts: 
         vstar={"output_dir": scratch, "overwrite": True},
         train={"vstar_dir": scratch},
     )
-    c = _with(c, vstar={"batch_size": floor_vstar_batch(c, model_cfg, max_tokens)})
+    # The floor's HF generate holds a batch's whole KV cache: its V* batch shrinks with the model;
+    # apo-ray's Stage 1 keeps the config's (vLLM pages its own cache).
+    floor_c = _with(c, vstar={"batch_size": floor_vstar_batch(c, model_cfg, max_tokens)})
     t = time.time()
-    floor = floor_figures(c, steps)
+    floor = floor_figures(floor_c, steps)
     manifest = vstar.run(c)
     s2 = _stage2_run(c, "astar_po", steps)
     row = {
         "size": label,
         "params": params,
         "max_tokens": max_tokens,
-        "vstar_batch_size": c.vstar.batch_size,
+        "floor_vstar_batch_size": floor_c.vstar.batch_size,
         "floor_step_s": floor["step"]["step_s"],
         "floor_step": floor["step"],
         "apo_step_s": s2["step_s"],

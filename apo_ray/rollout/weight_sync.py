@@ -237,10 +237,11 @@ class ShmWeightSync:
         rest = copy_into_views(named, self._views) if self._views is not None else named
         if rest is not None or id(engine) not in self._engines:
             self._remap(rest if rest is not None else [(m.name, m.read()) for m in self._views or []])
-        _call(engine, "update_weights_from_shm", str(self.path), self._token)
-        if not self._engines:  # the first engine has it mapped: the name can go
+        try:
+            _call(engine, "update_weights_from_shm", str(self.path), self._token)
+            self._engines.add(id(engine))
+        finally:  # mapped by the engine (or it failed: the next push writes a new file): the name goes
             self.path.unlink(missing_ok=True)
-        self._engines.add(id(engine))
 
     def _remap(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         from apo_ray.rollout.worker_ext import map_safetensors
