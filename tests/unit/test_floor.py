@@ -35,10 +35,10 @@ def test_the_floor_refuses_settings_it_does_not_implement():
 
     check_floor_config(load_config("demo"))
     for override, key in [
-        ("train.mini_batch_size=32", "train.mini_batch_size"),
+        ("train.mini_batch_size=32 train.micro_batch_size=32", "train.mini_batch_size"),
         ("train.warmup_steps=5", "train.warmup_steps"),
         ("train.entropy_coef=0.01", "train.entropy_coef"),
         ("model.dtype=bfloat16", "model.dtype"),
     ]:
         with pytest.raises(ConfigError, match=rf"^config key '{key}'"):
-            check_floor_config(load_config("demo", [override]))
+            check_floor_config(load_config("demo", override.split()))
