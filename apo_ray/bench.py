@@ -1,9 +1,11 @@
 """Benchmarks (numbers for the README, never timed asserts).
 
     python jobs/bench.py stage1  --config demo   # pipeline tokens/s vs a bare vllm.LLM.generate
-    python jobs/bench.py stage2  --config demo   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
+    python jobs/bench.py stage2  --config demo [--algos astar_po]   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
     python jobs/bench.py compare --config demo   # A*-PO vs GRPO at equal wall-clock: accuracy curves, KL
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
+    python jobs/bench.py floor   --config demo --steps 30   # Stage 1 and 2 against one plain process (the floor)
+    python jobs/bench.py sweep   --config demo --steps 4    # the same across model sizes and response lengths
 
 Each writes JSON under runs/bench/ and prints a table. They run on whatever machine
 they are started on; the README says which machine each quoted figure came from.
@@ -50,8 +52,15 @@ def bench_stage1(cfg: Config) -> dict:
     manifest = vstar.run(cfg)
     pipe_tokens = manifest["counts"]["generated_tokens"]
 
-    # The bare engine, in this process, after the pipeline's actors are gone.
+    # The bare engine, in this process, after the pipeline's actors are gone. A fresh process pays
+    # vLLM's import too (the pipeline's actor does): timed apart, when this process has not paid it yet.
+    import sys
+
+    t = time.time()
+    imported = "vllm" in sys.modules
     from vllm import LLM, SamplingParams
+
+    import_s = None if imported else time.time() - t
 
     from apo_ray.rollout.engine import single_process_cpu_kwargs
 
@@ -96,7 +105,11 @@ def bench_stage1(cfg: Config) -> dict:
         "pipeline_in_actor_shard_s": shard_s,
         "pipeline_tokens_per_s_end_to_end": pipe_tokens / manifest["wall_time_s"],
         "pipeline_tokens_per_s_in_actor": pipe_tokens / shard_s,
+        "bare_import_s": import_s,
         "ratio_end_to_end_incl_startup": (pipe_tokens / manifest["wall_time_s"]) / (bare_tokens / (gen_s + load_s)),
+        "ratio_end_to_end_incl_startup_and_import": (
+            (pipe_tokens / manifest["wall_time_s"]) / (bare_tokens / (gen_s + load_s + import_s)) if import_s else None
+        ),
         "ratio_in_actor_steady_state": (pipe_tokens / shard_s) / (bare_tokens / gen_s),
     }
     print(
@@ -105,6 +118,11 @@ def bench_stage1(cfg: Config) -> dict:
         f"  pipeline, in the actors (steady) {res['pipeline_tokens_per_s_in_actor']:8.0f} tokens/s "
         f"(ratio {res['ratio_in_actor_steady_state']:.2f}; generate+score+V*+write per shard)\n"
         f"  pipeline vs bare, both incl. engine start-up: ratio {res['ratio_end_to_end_incl_startup']:.2f}"
+        + (
+            f" ({res['ratio_end_to_end_incl_startup_and_import']:.2f} with the bare run's vLLM import, {import_s:.1f} s)"
+            if import_s
+            else ""
+        )
     )
     return res
 
@@ -125,8 +143,11 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(vals)
 
 
-def bench_stage2(cfg: Config, steps: int = 12) -> dict:
-    """Seconds per step (generate / train / sync) for A*-PO and GRPO(G=8) at equal prompts per step."""
+STEP_KEYS = ("step_s", "generate_s", "train_s", "sync_s", "peak_mem_gb", "response_len")
+
+
+def _stage2_vstar(cfg: Config) -> Config:
+    """cfg pointed at this bench's scratch V* (computed if missing or made with another config)."""
     from apo_ray import vstar
 
     cfg = _with(cfg, vstar={"output_dir": str(OUT / "stage2_vstar")}, train={"vstar_dir": str(OUT / "stage2_vstar")})
@@ -135,39 +156,144 @@ def bench_stage2(cfg: Config, steps: int = 12) -> dict:
     except ConfigError:  # made with another model/config: it is this bench's scratch, redo it
         log.info("bench stage2: recomputing its scratch V* in %s", cfg.vstar.output_dir)
         vstar.run(_with(cfg, vstar={"overwrite": True}))
+    return cfg
+
+
+def _stage2_run(cfg: Config, algo: str, steps: int) -> dict:
+    """Mean seconds per step and per phase of a fresh Stage 2 run of `algo` (steps 2..steps)."""
+    c = _with(
+        cfg,
+        train={
+            "algo": algo,
+            "group_size": 8,
+            "num_steps": steps,
+            "output_dir": str(OUT / f"stage2_{algo}"),
+            "save_every": 10_000,
+            "eval_every": 0,
+            "micro_batch_size": cfg.train.micro_batch_size,
+        },
+    )
+    _clean(c.train.output_dir)
+    rows = _train_rows(c)
+    res = {k: _mean(rows, k) for k in STEP_KEYS}
+    # What the recipe does not time apart: scoring, building the batch, the metrics' reduction.
+    res["other_s"] = res["step_s"] - res["generate_s"] - res["train_s"] - res["sync_s"]
+    res["logprob_gap_max"] = max(r["logprob_gap"] for r in rows)
+    return res
+
+
+def bench_stage2(cfg: Config, steps: int = 12, algos: tuple[str, ...] = ("astar_po", "grpo")) -> dict:
+    """Seconds per step (generate / train / sync) for A*-PO and GRPO(G=8) at equal prompts per step."""
+    cfg = _stage2_vstar(cfg)
     res = {}
-    for algo, group in (("astar_po", 1), ("grpo", 8)):
-        c = _with(
-            cfg,
-            train={
-                "algo": algo,
-                "group_size": 8,
-                "num_steps": steps,
-                "output_dir": str(OUT / f"stage2_{algo}"),
-                "save_every": 10_000,
-                "eval_every": 0,
-                "micro_batch_size": cfg.train.micro_batch_size,
-            },
-        )
-        _clean(c.train.output_dir)
-        rows = _train_rows(c)
-        res[algo] = {k: _mean(rows, k) for k in ("step_s", "generate_s", "train_s", "sync_s", "peak_mem_gb")}
-        res[algo]["sequences_per_step"] = cfg.train.rollout_batch_size * group
-    a, g = res["astar_po"], res["grpo"]
-    res["grpo_over_astar_step_time"] = g["step_s"] / a["step_s"]
-    res["astar_sync_fraction"] = a["sync_s"] / a["step_s"]
+    for algo in algos:
+        res[algo] = _stage2_run(cfg, algo, steps)
+        res[algo]["sequences_per_step"] = cfg.train.rollout_batch_size * (8 if algo == "grpo" else 1)
     print(f"Stage 2, {cfg.train.rollout_batch_size} prompts/step, mean over steps 2..{steps}:")
     print(f"  {'algo':10s} {'seqs':>5s} {'step_s':>7s} {'gen_s':>7s} {'train_s':>7s} {'sync_s':>7s} {'peak_GB':>8s}")
-    for k in ("astar_po", "grpo"):
+    for k in algos:
         r = res[k]
         print(
             f"  {k:10s} {r['sequences_per_step']:5d} {r['step_s']:7.3f} {r['generate_s']:7.3f} {r['train_s']:7.3f} "
             f"{r['sync_s']:7.3f} {r['peak_mem_gb']:8.2f}"
         )
-    print(
-        f"  GRPO step / A*-PO step = {res['grpo_over_astar_step_time']:.2f}; "
-        f"A*-PO sync share = {100 * res['astar_sync_fraction']:.1f} %"
+    if "astar_po" in res:
+        a = res["astar_po"]
+        res["astar_sync_fraction"] = a["sync_s"] / a["step_s"]
+        print(f"  A*-PO sync share = {100 * res['astar_sync_fraction']:.1f} %")
+    if "astar_po" in res and "grpo" in res:
+        res["grpo_over_astar_step_time"] = res["grpo"]["step_s"] / res["astar_po"]["step_s"]
+        print(f"  GRPO step / A*-PO step = {res['grpo_over_astar_step_time']:.2f}")
+    return res
+
+
+# ---------------------------------------------------------------- floor
+
+FLOOR_STEP_KEYS = ("step_s", "generate_s", "score_s", "update_s", "response_len")
+
+
+def floor_figures(cfg: Config, steps: int) -> dict:
+    """The floor (`apo_ray.floor`) in this process: start-up, the V* pass over the training prompts
+    (N samples each), then `steps` A*-PO steps; per-step means over steps 2..steps."""
+    import gc
+
+    import torch
+
+    from apo_ray.data import load_prompts
+    from apo_ray.floor import Floor, floor_steps
+    from apo_ray.model import resolve_model
+
+    prompts = load_prompts(cfg.data, "train").rows
+    floor = Floor(resolve_model(cfg.model.path), cfg)
+    vstar_P, vpass = floor.vstar_pass(prompts, seed=cfg.sampling.seed)
+    rows = floor_steps(floor, prompts, vstar_P, cfg, steps)
+    res = {
+        "threads": torch.get_num_threads(),
+        "start_s": floor.start_s,
+        "vstar_pass": {**vpass, "prompts": len(prompts), "num_samples": cfg.vstar.num_samples},
+        "vstar_pass_incl_start_s": vpass["total_s"] + floor.start_s,
+        "step": {k: _mean(rows, k) for k in FLOOR_STEP_KEYS},
+        "reward_mean": statistics.fmean(r["reward_mean"] for r in rows),
+    }
+    del floor
+    gc.collect()
+    return res
+
+
+def bench_floor(cfg: Config, steps: int = 30) -> dict:
+    """apo-ray's Stage 1 and Stage 2 against the floor, all in this run (same machine, same minutes).
+
+    The floor runs first, before Ray starts (nothing else in this process then); then Stage 1 (the
+    pipeline and a bare vllm.LLM.generate, `bench_stage1`) and an A*-PO Stage 2 run of `steps` steps.
+    """
+    from apo_ray.runtime import init_ray
+
+    floor = floor_figures(cfg, steps)
+    init_ray(cfg.resources)
+    s1 = bench_stage1(cfg)
+    s2 = _stage2_run(_stage2_vstar(cfg), "astar_po", steps)
+    fs, fv = floor["step"], floor["vstar_pass"]
+    res = {
+        "floor": floor,
+        "stage1": s1,
+        "stage2_astar_po": s2,
+        "ratios": {
+            # targets: <= 1.5, < 0.05, >= 0.8, <= 2
+            "stage2_step_over_floor_step": s2["step_s"] / fs["step_s"],
+            "stage2_sync_share_of_step": s2["sync_s"] / s2["step_s"],
+            "stage1_over_bare_vllm_incl_start": s1["ratio_end_to_end_incl_startup"],
+            "stage1_wall_over_floor_vstar_pass": s1["pipeline_wall_s"] / floor["vstar_pass_incl_start_s"],
+            "stage2_generate_over_floor_generate": s2["generate_s"] / fs["generate_s"],
+            "stage2_train_over_floor_update": s2["train_s"] / fs["update_s"],
+            "stage1_work_over_floor_vstar_pass": s1["pipeline_in_actor_shard_s"] / fv["total_s"],
+        },
+    }
+    r = res["ratios"]
+    print(f"Floor (one process, HF generate + torch AdamW, {floor['threads']} threads) vs apo-ray, same run:")
+    print(f"  {'':28s} {'floor':>8s} {'apo-ray':>8s} {'ratio':>6s}  target")
+    rows = (
+        ("Stage 2 step s", fs["step_s"], s2["step_s"], r["stage2_step_over_floor_step"], "<= 1.5"),
+        ("  generate s", fs["generate_s"], s2["generate_s"], r["stage2_generate_over_floor_generate"], ""),
+        ("  update / train s", fs["update_s"], s2["train_s"], r["stage2_train_over_floor_update"], ""),
+        ("  sync s (share of step)", 0.0, s2["sync_s"], r["stage2_sync_share_of_step"], "< 0.05 share"),
+        (
+            "Stage 1 wall s (incl start)",
+            floor["vstar_pass_incl_start_s"],
+            s1["pipeline_wall_s"],
+            r["stage1_wall_over_floor_vstar_pass"],
+            "<= 2",
+        ),
+        ("Stage 1 work s", fv["total_s"], s1["pipeline_in_actor_shard_s"], r["stage1_work_over_floor_vstar_pass"], ""),
     )
+    for name, a, b, q, target in rows:
+        print(f"  {name:28s} {a:8.3f} {b:8.3f} {q:6.2f}  {target}")
+    print(
+        f"  Stage 1 vs bare vllm.LLM.generate, both paying their start: {r['stage1_over_bare_vllm_incl_start']:.2f} (>= 0.8)"
+    )
+    if s1["ratio_end_to_end_incl_startup_and_import"]:
+        print(
+            f"  ... with the bare run's vLLM import counted too: {s1['ratio_end_to_end_incl_startup_and_import']:.2f}"
+        )
     return res
 
 
@@ -387,10 +513,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("which", choices=("stage1", "stage2", "compare", "load"))
+    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep"))
     p.add_argument("--config", "-c", default="demo")
-    p.add_argument("--steps", type=int, default=12, help="stage2: steps per algorithm")
+    p.add_argument("--steps", type=int, default=12, help="stage2, floor: steps per run")
     p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
+    p.add_argument("--prompts", type=int, default=256, help="sweep: Stage 1 prompts per point")
+    p.add_argument("--algos", default="astar_po,grpo", help="stage2: comma-separated algorithms to time")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
     # Plain parse_args() rejects `compare --budget 120 train.eval_every=25`: the positional
     # overrides were already consumed (empty) before the options.
@@ -407,14 +535,21 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.runtime import init_ray, versions
 
     t = time.time()
-    if args.which != "load":  # the load bench starts a fresh Ray per scale
+    if args.which not in ("load", "floor", "sweep"):  # load: a fresh Ray per scale; floor, sweep: Ray later
         init_ray(cfg.resources)
-    if args.which == "load":
+    if args.which == "floor":
+        res = bench_floor(cfg, args.steps)
+    elif args.which == "sweep":
+        from apo_ray.sweep import bench_sweep
+
+        init_ray(cfg.resources)
+        res = bench_sweep(cfg, args.steps, args.prompts)
+    elif args.which == "load":
         res = bench_load(args.config, args.overrides)
     elif args.which == "stage1":
         res = bench_stage1(cfg)
     elif args.which == "stage2":
-        res = bench_stage2(cfg, args.steps)
+        res = bench_stage2(cfg, args.steps, tuple(args.algos.split(",")))
     else:
         res = bench_compare(cfg, args.budget)
     res["bench_seconds"] = time.time() - t

@@ -3,8 +3,9 @@
 What: `RolloutEngine` is a plain class (Stage 1 samplers, Stage 2 rollout replicas and eval
 workers wrap it with ``ray.remote(...)`` where they create actors). ``generate`` sends one
 request per prompt with ``SamplingParams(n=N)`` and returns token ids, text, finish reason and
-the engine's log-prob of every sampled token. ``update_weights_from_file`` reloads weights
-from a safetensors file (the CPU data plane, see `worker_ext`); the GPU backends drive vLLM's
+the engine's log-prob of every sampled token. ``update_weights_from_shm`` (a shared mapping of a
+file in /dev/shm) and ``update_weights_from_file`` reload weights on the CPU (see `worker_ext`);
+the GPU backends drive vLLM's
 native weight-transfer API through ``init_weight_transfer_engine`` / ``start_weight_update`` /
 ``update_weights`` / ``finish_weight_update`` (see `weight_sync`).
 
@@ -73,6 +74,22 @@ def single_process_cpu_kwargs() -> dict:
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return {"distributed_executor_backend": "uni"}
+
+
+def sampled_logprobs(token_ids: list[int], flat) -> list[float]:
+    """The log-prob of each sampled token from vLLM's `FlatLogprobs` of a completion.
+
+    With ``logprobs=0`` each position holds the sampled token's entry (vLLM puts it first, before
+    any top-k ones); its token id is checked against the completion's.
+    """
+    out = []
+    for tok, start, end in zip(token_ids, flat.start_indices, flat.end_indices):
+        if end <= start or flat.token_ids[start] != tok:
+            raise RuntimeError(f"vLLM returned no log-prob for sampled token {tok}")
+        out.append(flat.logprobs[start])
+    if len(out) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(out)} log-probs for {len(token_ids)} tokens")
+    return out
 
 
 class RolloutEngine:
@@ -186,6 +203,7 @@ class RolloutEngine:
                 max_tokens=max_tokens,
                 seed=None if seed is None else seed + i * n,
                 logprobs=0 if logprobs else None,  # 0: only the sampled token's log-prob
+                flat_logprobs=True,  # plain lists, not a dict + Logprob object per token
             )
             for i in range(len(prompts))
         ]
@@ -195,12 +213,20 @@ class RolloutEngine:
             comps = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)] if logprobs else []
+                lps = sampled_logprobs(ids, c.logprobs) if logprobs else []
                 comps.append(Completion(text=c.text, token_ids=ids, logprobs=lps, finish_reason=str(c.finish_reason)))
             results.append(PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=comps))
         return results
 
     # ------------------------------------------------------------ weights
+
+    def update_weights_from_shm(self, path: str, token: str) -> None:
+        """Reload all weights from the learner's shared weight file: mapped once per `token`, read
+        through the mapping afterwards (`worker_ext.WeightSyncExtension.apo_reload_from_shm`)."""
+        if self.sync_backend is None:
+            raise RuntimeError("RolloutEngine was built with weight_sync=False; no worker extension to load weights")
+        self.llm.collective_rpc("apo_reload_from_shm", args=(str(path), token))
+        self.llm.reset_prefix_cache()
 
     def update_weights_from_file(self, path: str) -> None:
         """Reload all weights from a safetensors file of the full HF state dict (same node)."""

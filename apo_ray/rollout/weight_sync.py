@@ -2,10 +2,13 @@
 
 One interface, three backends, chosen by ``make_weight_sync(backend, ...)``:
 
-- "shm" (CPU; tested): the learner streams (name, tensor) pairs into a safetensors file in
-  /dev/shm (`write_weights_shm`), the engine reloads from it (`RolloutEngine.update_weights_from_file`
-  -> `worker_ext.WeightSyncExtension`), the file is deleted. Engine and learner must share a node
-  (the Stage 2 loop pins the engine to its learner's node).
+- "shm" (CPU; tested): through shared memory on the node. The first push streams (name, tensor)
+  pairs into a safetensors file in /dev/shm (`write_weights_shm`) that the learner and the engine's
+  worker both map (`worker_ext.map_safetensors`); every later push copies the weights into the
+  mapped pages in place and the engine reloads through its mapping
+  (`RolloutEngine.update_weights_from_shm` -> `worker_ext.WeightSyncExtension`): no file is written
+  and nothing is serialised. The file's name is removed once the engine holds the mapping. Engine
+  and learner must share a node (the Stage 2 loop pins the engine to its learner's node).
 - "ipc" (colocated GPUs) and "nccl" (engine on other GPUs): vLLM's native weight-transfer API
   (``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
   ``finish_weight_update``), with tensors packed into buckets of ``bucket_bytes`` (512 MiB by
@@ -32,6 +35,7 @@ import socket
 import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,25 +192,87 @@ def write_weights_shm(named_tensors: Iterable[tuple[str, torch.Tensor]], path: s
 
 
 class ShmWeightSync:
-    """CPU backend: a safetensors file in /dev/shm, reloaded by the engine's worker extension."""
+    """CPU backend: the weights through shared memory on the node; the engine's worker extension reloads them.
 
-    def __init__(self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None):
+    Modes:
+        "map" (default): a safetensors file in /dev/shm that both sides map once; every later push
+            copies the weights into the mapped pages in place (no file written, nothing serialised)
+            and tells the engine to reload through its mapping. Once the engine has mapped the file
+            its name is removed, so nothing outlives the two processes; a push whose names, dtypes or
+            shapes differ from the mapped ones (or to an engine that has not mapped it) writes a new one.
+        "file": a new safetensors file per push, deleted after the reload.
+    An engine without the "map" method (`update_weights_from_shm`) gets "file".
+
+    Args:
+        rank, run_id: name the file (so concurrent runs and ranks do not collide).
+        directory: of the file; default `default_shm_dir()`.
+        mode: "map" | "file".
+    """
+
+    def __init__(self, *, rank: int = 0, run_id: str | None = None, directory: str | None = None, mode: str = "map"):
+        if mode not in ("map", "file"):
+            raise ValueError(f"mode must be map or file, got {mode!r}")
         run_id = run_id or str(os.getpid())
-        self.rank = rank
+        self.rank, self.mode = rank, mode
         self.path = Path(directory or default_shm_dir()) / f"apo-ray-{run_id}-rank{rank}.safetensors"
+        self._views: list | None = None  # worker_ext.MappedTensor of the mapped file, in file order
+        self._token = ""
+        self._engines: set[int] = set()  # id() of the engines that mapped the current file
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], engine: Any) -> PushStats:
         t0 = time.perf_counter()
         counted = _Counted(_nonempty(named_tensors, self.rank))
-        path = write_weights_shm(counted, self.path)
-        try:
-            _call(engine, "update_weights_from_file", path)
-        finally:
-            Path(path).unlink(missing_ok=True)
+        mode = self.mode if self.mode == "file" or hasattr(engine, "update_weights_from_shm") else "file"
+        if mode == "map":
+            self._push_mapped(counted, engine)
+        else:
+            path = write_weights_shm(counted, self.path)
+            try:
+                _call(engine, "update_weights_from_file", path)
+            finally:
+                Path(path).unlink(missing_ok=True)
         return PushStats(tensors=counted.tensors, bytes=counted.bytes, seconds=time.perf_counter() - t0)
+
+    def _push_mapped(self, named: Iterable[tuple[str, torch.Tensor]], engine: Any) -> None:
+        rest = copy_into_views(named, self._views) if self._views is not None else named
+        if rest is not None or id(engine) not in self._engines:
+            self._remap(rest if rest is not None else [(m.name, m.read()) for m in self._views or []])
+        try:
+            _call(engine, "update_weights_from_shm", str(self.path), self._token)
+            self._engines.add(id(engine))
+        finally:  # mapped by the engine (or it failed: the next push writes a new file): the name goes
+            self.path.unlink(missing_ok=True)
+
+    def _remap(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from apo_ray.rollout.worker_ext import map_safetensors
+
+        write_weights_shm(named, self.path)
+        self._views = map_safetensors(str(self.path))
+        self._token = uuid.uuid4().hex
+        self._engines = set()
 
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
+        self._views, self._engines = None, set()
+
+
+def copy_into_views(named_tensors: Iterable[tuple[str, torch.Tensor]], views: list) -> Iterable | None:
+    """Copy each (name, tensor) into the mapped tensor (`worker_ext.MappedTensor`) of the same name,
+    dtype and shape at the same position.
+
+    Returns None when the stream matched `views` exactly (every one now holds the new values);
+    otherwise the whole stream to write afresh: the tensors already copied, then the first that did
+    not match, then the rest of the stream, unread (a ZeRO-3 gather streams; nothing is held).
+    """
+    it = iter(named_tensors)
+    i = 0
+    for name, t in it:
+        m = views[i] if i < len(views) else None
+        if m is None or m.name != name or m.dtype != t.dtype or m.shape != list(t.shape):
+            return itertools.chain(((v.name, v.read()) for v in views[:i]), [(name, t)], it)
+        m.write(t)
+        i += 1
+    return None if i == len(views) else [(v.name, v.read()) for v in views[:i]]
 
 
 class _Counted:

