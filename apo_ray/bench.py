@@ -6,6 +6,7 @@
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
     python jobs/bench.py floor   --config demo --steps 30   # Stage 1 and 2 against one plain process (the floor)
     python jobs/bench.py sweep   --config demo --steps 4    # the same across model sizes and response lengths
+    python jobs/bench.py warmstart   # the tiny model built with this CPU's kernels and with AVX2's: same accuracy?
 
 Each writes JSON under runs/bench/ and prints a table. They run on whatever machine
 they are started on; the README says which machine each quoted figure came from.
@@ -508,12 +509,66 @@ def _clean(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- warm start across CPUs
+
+# PyTorch's, MKL's and oneDNN's kernels held to AVX2: another CPU, simulated on this one.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+_BUILD = (
+    "import json, sys, torch; from apo_ray.model.tiny import build_tiny_model; build_tiny_model(sys.argv[1]); "
+    "print(json.dumps({'cpu_capability': torch.backends.cpu.get_cpu_capability()}))"
+)
+
+
+def bench_warmstart() -> dict:
+    """The tiny model's default recipe built twice from scratch, each in a fresh process: with this CPU's
+    kernels, then with them held to AVX2 (AVX2_ENV). A warm start that lands in the same place on any
+    machine gives the same held-out accuracies (the target: within 3 points)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from apo_ray.model.tiny import RECIPE_FILE
+
+    builds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, env in (("native", {}), ("avx2", AVX2_ENV)):
+            out = Path(tmp) / name
+            t = time.time()
+            done = subprocess.run(
+                [sys.executable, "-c", _BUILD, str(out)],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            info = json.loads((out / RECIPE_FILE).read_text())
+            builds[name] = {
+                **json.loads(done.stdout.strip().splitlines()[-1]),
+                "env": env,
+                "accuracy_greedy": info["accuracy_greedy"],
+                "accuracy_sampled": info["accuracy_sampled"],
+                "final_loss": info["final_loss"],
+                "build_s": round(time.time() - t, 1),
+            }
+    recipe = info["recipe"]
+    gaps = {k: abs(builds["native"][f"accuracy_{k}"] - builds["avx2"][f"accuracy_{k}"]) for k in ("greedy", "sampled")}
+    print(f"tiny model warm start ({recipe['steps']} steps, {recipe['num_eval']} held-out prompts):")
+    for name, b in builds.items():
+        print(
+            f"  {name:7s} kernels {b['cpu_capability']:8s} greedy {b['accuracy_greedy']:.3f}  "
+            f"sampled {b['accuracy_sampled']:.3f}  loss {b['final_loss']:.4f}  ({b['build_s']:.0f} s)"
+        )
+    print(f"  gap: greedy {gaps['greedy'] * 100:.1f} points, sampled {gaps['sampled'] * 100:.1f} (target <= 3)")
+    return {"recipe": recipe, "builds": builds, "gap": gaps}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The bench command line; overrides may come before or after the options."""
     p = argparse.ArgumentParser(
         prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep"))
+    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep", "warmstart"))
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--steps", type=int, default=12, help="stage2, floor: steps per run")
     p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
@@ -535,9 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.runtime import init_ray, versions
 
     t = time.time()
-    if args.which not in ("load", "floor", "sweep"):  # load: a fresh Ray per scale; floor, sweep: Ray later
+    if args.which not in ("load", "floor", "sweep", "warmstart"):  # load: a Ray per scale; floor, sweep: later
         init_ray(cfg.resources)
-    if args.which == "floor":
+    if args.which == "warmstart":
+        res = bench_warmstart()
+    elif args.which == "floor":
         res = bench_floor(cfg, args.steps)
     elif args.which == "sweep":
         from apo_ray.sweep import bench_sweep

@@ -12,13 +12,19 @@ that transformers and vLLM(-CPU) both load:
   pipeline from the vocabulary: this way tokenizer.json and AutoTokenizer agree.
 - model: Qwen2ForCausalLM, hidden 128, 2 layers, 2 heads of dim 64 (vLLM's CPU
   attention rejects head_dim 16), 1 KV head, untied embeddings (~0.56 M params).
-- warm start (``sft=True``): a plain seeded torch loop on arith train problems
-  (``"37+45="`` -> ``"82<|endoftext|>"``, loss on completion tokens only), stopped on
-  purpose half-way (first time greedy accuracy on unseen train-split problems reaches 0.55,
-  checked every 50 steps, then 100 steps more; a step cap bounds it) so that RL has room to
-  improve: held-out greedy ~0.45, sampled ~0.35.
-  The measured greedy / sampled accuracies on held-out problems go to
-  ``tiny_recipe.json`` in the model directory.
+- warm start (``sft=True``): a plain seeded torch loop, in float64, on arith train problems
+  (``"37+45="`` -> ``"82<|endoftext|>"``, loss on completion tokens only): a fixed 3000 AdamW
+  steps, linear warm-up then cosine decay to 0, from a demonstrator that is wrong on purpose
+  (each time a problem is drawn, its answer is off by one with probability `wrong_frac` = 0.65).
+  Trained to convergence, the model samples the right answer ~30 % of the time and mostly answers
+  greedily with the wrong one: held-out greedy ~0.15, sampled ~0.31, a settled model that RL can
+  still improve a lot. Settled matters: the same recipe lands at the same accuracy on any machine
+  (`python jobs/bench.py warmstart` builds it with this CPU's kernels and with AVX2's). A clean run
+  stopped half-way, as this recipe used to be, is not: float rounding that differs between CPUs
+  grows from 1e-16 to O(1) in the weights within ~200 steps (measured), and the step where accuracy
+  takes off, so where a half-way stop lands, moves with it (0.470 on one machine, 0.325 on another).
+  The measured greedy / sampled accuracies on held-out problems go to ``tiny_recipe.json`` in
+  the model directory.
 
 `ensure_tiny_model` builds once per recipe into a cache (``$APO_RAY_CACHE`` or
 ``~/.cache/apo_ray``), atomically and safely under concurrent callers;
@@ -71,23 +77,25 @@ class TinyRecipe:
     num_key_value_heads: int = 1
     max_position_embeddings: int = 2048  # room for the default config's 256 + 1024 tokens
     # warm-start SFT on arith (train split only): a fixed number of steps, a linear lr warm-up,
-    # then cosine decay to 0. No stop rule: a threshold checked on a noisy validation curve stops
-    # at a different step on a machine whose float kernels round differently (measured: the old
-    # rule stopped at step 2250 on one AVX-512 machine and ran to its 3000-step cap on another,
-    # held-out greedy 0.470 vs 0.325). A decaying lr ends in a settled model, and a short enough
-    # budget leaves it partly trained, so that RL has room to improve.
+    # then cosine decay to 0, trained to convergence (see the module doc for why not half-way).
     digits: int = 2
     ops: str = "+"
     num_train: int = 4800  # SFT problems
     batch_size: int = 64
-    steps: int = 2000
+    steps: int = 3000
     lr: float = 2e-3  # peak
     warmup_steps: int = 100
     weight_decay: float = 0.0
-    # Init and SFT precision (the model is saved in float32). float64 keeps the rounding
-    # differences between machines' kernels (AVX2 vs AVX-512, MKL, oneDNN) ~1e-16 instead of ~1e-7,
-    # too small for training to amplify into a different model within the step budget.
+    # Init and SFT precision (the model is saved in float32). float64 delays, but does not prevent,
+    # the divergence between machines' kernels (AVX2 vs AVX-512, MKL, oneDNN): measured, the weights
+    # of the two builds are 1e-9 apart at step 100 and O(1) apart by step 200. What makes the recipe
+    # land at the same accuracy is that it trains to convergence; float64 is what was measured so.
     train_dtype: str = "float64"
+    # The demonstrator is wrong this often: each time a problem is drawn, its answer is off by one
+    # (answer + 1) with this probability. Trained to convergence, the model samples the right answer
+    # about 1 - wrong_frac of the time and answers greedily with the wrong one: a settled model (the
+    # same on any machine) that RL can still improve a lot.
+    wrong_frac: float = 0.65
     # measurement (recorded, not a stopping rule): held-out eval problems of the arith task
     num_eval: int = 1000
     eval_seed: int = 0
@@ -103,6 +111,8 @@ def make_recipe(**kwargs: Any) -> TinyRecipe:
     recipe = TinyRecipe(**kwargs)
     if recipe.hidden_size % recipe.num_attention_heads or recipe.hidden_size // recipe.num_attention_heads != 64:
         raise ValueError("tiny model: hidden_size / num_attention_heads must be 64 (vLLM-CPU attention)")
+    if not 0.0 <= recipe.wrong_frac < 1.0:
+        raise ValueError(f"tiny model: wrong_frac must be in [0, 1), got {recipe.wrong_frac}")
     if recipe.train_dtype not in ("float32", "float64"):
         raise ValueError(f"tiny model: train_dtype must be 'float32' or 'float64', got {recipe.train_dtype!r}")
     return recipe
@@ -288,10 +298,15 @@ def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | N
     import torch
 
     problems = arith_problems("train", rec.num_train, seed=rec.seed, digits=rec.digits, ops=rec.ops)
-    seqs = []
+    seqs = []  # per problem: (ids, labels) with the right answer, then with the demonstrator's wrong one
     for p in problems:
-        q, a = _encode(tok, p["question"]), _encode(tok, p["answer"]) + [tok.eos_token_id]
-        seqs.append((q + a, [-100] * len(q) + a))  # loss on completion tokens only
+        q = _encode(tok, p["question"])
+        pair = []
+        for answer in (p["answer"], str(int(p["answer"]) + 1)):
+            a = _encode(tok, answer) + [tok.eos_token_id]
+            pair.append((q + a, [-100] * len(q) + a))  # loss on completion tokens only
+        seqs.append(pair)
+    wrong = random.Random(f"apo-ray-tiny-sft-wrong-{rec.seed}")
     rng = random.Random(f"apo-ray-tiny-sft-{rec.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, rec))
@@ -299,7 +314,7 @@ def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | N
     with _whole_model_in_its_dtype(model):
         for step in range(1, rec.steps + 1):
             model.train()
-            batch = rng.sample(seqs, rec.batch_size)
+            batch = [pair[wrong.random() < rec.wrong_frac] for pair in rng.sample(seqs, rec.batch_size)]
             width = max(len(ids) for ids, _ in batch)
             ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
             labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)

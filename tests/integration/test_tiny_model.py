@@ -36,8 +36,10 @@ def llm(tiny_model_dir):
 def test_recipe_records_accuracies(tiny_model_dir):
     info = json.loads((tiny_model_dir / RECIPE_FILE).read_text())
     assert info["recipe"]["sft"] is True
-    assert 0.2 <= info["accuracy_sampled"] <= 0.8
-    assert 0.3 <= info["accuracy_greedy"] <= 0.8
+    # The demonstrator was right 35 % of the time: the settled model samples the right answer about
+    # that often and mostly answers greedily with the wrong one (room for RL in both).
+    assert 0.2 <= info["accuracy_sampled"] <= 0.45
+    assert info["accuracy_greedy"] <= 0.35
 
 
 def test_loads_in_transformers(tiny_model_dir, tiny_random_model_dir):
@@ -87,7 +89,7 @@ def test_vllm_sampled_accuracy_leaves_room_for_rl(llm):
     acc = sum(arith_reward(o.outputs[0].text, p["answer"]) for o, p in zip(outs, problems)) / len(problems)
     print(f"tiny model, vLLM sampled accuracy (T=1, 200 eval problems): {acc:.3f}; stopped at EOS: {finished}")
     assert finished >= 0.9 * len(problems)
-    assert 0.2 <= acc <= 0.8
+    assert 0.2 <= acc <= 0.45
 
 
 def test_ensure_tiny_model_is_safe_under_a_race(tmp_path):
