@@ -243,11 +243,22 @@ def _two_ranks(monkeypatch):
     monkeypatch.setattr(dist, "min_over_ranks", min_over_ranks)
 
 
-def _as_rank(fn, results, rank):
-    try:
-        results[rank] = fn()
-    except Exception as e:  # noqa: BLE001 - compared by the test
-        results[rank] = e
+def _batch_on_each_rank(ranks: list, step: int) -> list:
+    """`batch(step)` on every rank at once, one thread per rank: each rank's prompts or its exception."""
+    results: list = [None] * len(ranks)
+
+    def run(r: int) -> None:
+        try:
+            results[r] = ranks[r].batch(step)
+        except Exception as e:  # noqa: BLE001 - compared by the test
+            results[r] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(ranks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def test_two_ranks_that_saw_different_shards_draw_the_same_step_and_stop_together(monkeypatch):
@@ -258,27 +269,13 @@ def test_two_ranks_that_saw_different_shards_draw_the_same_step_and_stop_togethe
     ranks = [StepPrompts(feed=f, stream=True, rank=r, batch_size=8, seed=0, poll_s=0.01) for r, f in enumerate(feeds)]
     for d in ranks:
         d.wait()
-    results: dict = {}
-    threads = [
-        threading.Thread(target=_as_rank, args=(lambda d=d: d.batch(1), results, r)) for r, d in enumerate(ranks)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results[0] == results[1] and ranks[0].available == ranks[1].available == 8
+    first = _batch_on_each_rank(ranks, 1)
+    assert first[0] == first[1] and ranks[0].available == ranks[1].available == 8
 
     feeds[1].fail("Stage 1 failed: V* of prompt 'p3' is nan")  # seen by rank 1 only
-    results = {}
-    threads = [
-        threading.Thread(target=_as_rank, args=(lambda d=d: d.batch(2), results, r)) for r, d in enumerate(ranks)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert isinstance(results[0], PipelineStopped) and "another rank" in str(results[0])
-    assert isinstance(results[1], PipelineStopped) and "p3" in str(results[1])
+    second = _batch_on_each_rank(ranks, 2)
+    assert isinstance(second[0], PipelineStopped) and "another rank" in str(second[0])
+    assert isinstance(second[1], PipelineStopped) and "p3" in str(second[1])
 
 
 def test_stage1_pool_grows_only_into_what_stage2_leaves():
