@@ -2,7 +2,7 @@
 
     python jobs/bench.py stage1  --config demo   # pipeline tokens/s vs a bare vllm.LLM.generate
     python jobs/bench.py stage2  --config demo [--algos astar_po]   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
-    python jobs/bench.py compare --config demo   # A*-PO vs GRPO at equal wall-clock: accuracy curves, KL
+    python jobs/bench.py compare --config demo --seeds 3   # A*-PO vs GRPO: time to a target, mean +- s.e. over seeds
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
     python jobs/bench.py floor   --config demo --steps 30   # Stage 1 and 2 against one plain process (the floor)
     python jobs/bench.py sweep   --config demo --steps 4    # the same across model sizes and response lengths
@@ -298,156 +298,6 @@ def bench_floor(cfg: Config, steps: int = 30) -> dict:
     return res
 
 
-# ---------------------------------------------------------------- compare
-
-
-def bench_compare(cfg: Config, budget_s: float) -> dict:
-    """A*-PO (Stage 1 time counted) vs GRPO(G=8) from the same model with the same wall-clock budget.
-
-    Held-out eval runs after the same number of sampled completions for both: every
-    `train.eval_every` A*-PO steps (one completion per prompt) and every eval_every / G GRPO steps.
-    A*-PO's clock starts with Stage 1's wall time; the report also gives the times with only
-    Stage 1's work counted (its in-actor seconds), the accounting Stage 2's clock uses for both
-    algorithms (it excludes their own start-up).
-    """
-    from apo_ray import evaluation, vstar
-    from apo_ray.data import load_prompts
-    from apo_ray.model import resolve_model
-    from apo_ray.runtime import init_ray
-
-    init_ray(cfg.resources)
-    model = resolve_model(cfg.model.path)
-    eval_rows = load_prompts(cfg.data, "eval").rows
-    base = evaluation.evaluate(model, eval_rows, cfg, ref_path=model)["accuracy"]
-    group = 8
-    every = cfg.train.eval_every or 10
-    curves, finals = {}, {}
-    t = time.time()
-    vcfg = _with(cfg, vstar={"output_dir": str(OUT / "compare_vstar"), "overwrite": True})
-    manifest = vstar.run(vcfg)
-    stage1_s = time.time() - t
-    stage1_work_s = manifest["shard_seconds"]
-    for algo in ("astar_po", "grpo"):
-        offset = stage1_s if algo == "astar_po" else 0.0
-        c = _with(
-            vcfg,
-            train={
-                "algo": algo,
-                "group_size": group,
-                "num_steps": 100_000,
-                "vstar_dir": vcfg.vstar.output_dir,
-                "output_dir": str(OUT / f"compare_{algo}"),
-                "max_train_seconds": budget_s - offset,
-                "save_every": 100_000,
-                "eval_every": every if algo == "astar_po" else max(1, round(every / group)),
-            },
-        )
-        _clean(c.train.output_dir)
-        rows = _train_rows(c)
-        curves[algo] = [{"seconds": 0.0, "step": 0, "accuracy": base}] + [
-            {"seconds": offset + r["time_s"], "step": r["step"], "accuracy": r["eval_accuracy"], "kl": r["kl"]}
-            for r in rows
-            if "eval_accuracy" in r
-        ]
-        final = evaluation.evaluate(str(Path(c.train.output_dir) / "final"), eval_rows, c, ref_path=model)
-        finals[algo] = {
-            "accuracy": final["accuracy"],
-            "kl_to_ref": final["kl_to_ref"],
-            "steps": rows[-1]["step"],
-            "eval_every": c.train.eval_every,
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
-        }
-    target = min(finals["astar_po"]["accuracy"], finals["grpo"]["accuracy"])
-    for algo, curve in curves.items():
-        finals[algo]["seconds_to_target"] = seconds_to_target(curve, target)
-    work_shift = stage1_work_s - stage1_s  # A*-PO's curve with only Stage 1's work counted
-    finals["astar_po"]["seconds_to_target_stage1_work_only"] = seconds_to_target(
-        curves["astar_po"], target, shift=work_shift
-    )
-    finals["grpo"]["seconds_to_target_stage1_work_only"] = finals["grpo"]["seconds_to_target"]
-    res = {
-        "budget_s": budget_s,
-        "stage1_s": stage1_s,
-        "stage1_work_s": stage1_work_s,
-        "accuracy_before": base,
-        "target_accuracy": target,
-        "final": finals,
-        "curves": curves,
-    }
-    _plot_compare(res, OUT / "compare.png")
-    a, g = finals["astar_po"], finals["grpo"]
-    print(
-        f"A*-PO vs GRPO(G=8), {budget_s:.0f} s budget each (A*-PO's includes {stage1_s:.0f} s of Stage 1, "
-        f"{stage1_work_s:.0f} s of it work, the rest start-up); accuracy before {base:.3f}, target {target:.3f}"
-    )
-    print(
-        f"  {'algo':10s} {'final_acc':>9s} {'s_to_target':>11s} {'(S1 work only)':>14s} {'KL':>8s} "
-        f"{'steps':>6s} {'peak_GB':>8s}"
-    )
-    for k, r in (("astar_po", a), ("grpo", g)):
-        stt, stw = (
-            f"{v:.0f}" if v is not None else "-"
-            for v in (r["seconds_to_target"], r["seconds_to_target_stage1_work_only"])
-        )
-        print(
-            f"  {k:10s} {r['accuracy']:9.3f} {stt:>11s} {stw:>14s} {r['kl_to_ref']:8.4f} {r['steps']:6d} "
-            f"{r['peak_mem_gb']:8.2f}"
-        )
-    return res
-
-
-def seconds_to_target(curve: list[dict], target: float, *, shift: float = 0.0) -> float | None:
-    """Seconds of the first trained point of `curve` at or above `target` (None if none).
-
-    The step-0 point (the untrained model) never counts, so a target at or below the starting
-    accuracy is reached at the first eval after training started. `shift` moves every trained
-    point's time (e.g. to drop start-up seconds).
-    """
-    for p in curve:
-        if p["step"] > 0 and p["accuracy"] >= target:
-            return p["seconds"] + shift
-    return None
-
-
-def _plot_compare(res: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for algo, color in (("astar_po", "tab:red"), ("grpo", "tab:blue")):
-        pts = res["curves"][algo]
-        if algo == "astar_po":  # the policy is the reference model until Stage 1 ends
-            pts = pts[:1] + [{**pts[0], "seconds": res["stage1_s"]}] + pts[1:]
-            shift = res["stage1_work_s"] - res["stage1_s"]
-            ax.plot(
-                [pts[0]["seconds"]] + [p["seconds"] + shift for p in pts[1:]],
-                [p["accuracy"] for p in pts],
-                "o--",
-                color=color,
-                alpha=0.45,
-                ms=3,
-                label="A*-PO, Stage 1 work only (start-up not counted)",
-            )
-        ax.plot(
-            [p["seconds"] for p in pts],
-            [p["accuracy"] for p in pts],
-            "o-",
-            color=color,
-            label="A*-PO (Stage 1 wall time, start-up included)" if algo == "astar_po" else "GRPO (G=8)",
-        )
-    ax.axvline(res["stage1_s"], color="tab:red", ls=":", lw=1, label="A*-PO Stage 1 ends")
-    ax.axhline(res["target_accuracy"], color="gray", ls="--", lw=1, label="target accuracy")
-    ax.set_xlabel("wall-clock seconds (A*-PO includes Stage 1)")
-    ax.set_ylabel("held-out greedy accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 LOAD_SCALES = (1, 5, 20)
 
 _LOAD_ONE = """
@@ -571,7 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep", "warmstart"))
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--steps", type=int, default=12, help="stage2, floor: steps per run")
-    p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per algorithm")
+    p.add_argument("--budget", type=float, default=75.0, help="compare: wall-clock seconds per run")
+    p.add_argument("--seeds", type=int, default=3, help="compare: seeds per algorithm")
+    p.add_argument("--lr-grid", default="1e-4,3e-4", help="compare: the lrs tried on seed 0 (comma-separated)")
     p.add_argument("--prompts", type=int, default=256, help="sweep: Stage 1 prompts per point")
     p.add_argument("--algos", default="astar_po,grpo", help="stage2: comma-separated algorithms to time")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
@@ -608,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.which == "stage2":
         res = bench_stage2(cfg, args.steps, tuple(args.algos.split(",")))
     else:
-        res = bench_compare(cfg, args.budget)
+        from apo_ray.compare import bench_compare
+
+        res = bench_compare(cfg, args.budget, args.seeds, tuple(float(x) for x in args.lr_grid.split(",")))
     res["bench_seconds"] = time.time() - t
     res["versions"] = versions()
     res["command"] = " ".join(["python jobs/bench.py", *(argv if argv is not None else sys.argv[1:])])
