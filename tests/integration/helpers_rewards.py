@@ -48,7 +48,7 @@ def flaky_until_fixed(completion: str, answer: str) -> float:
     return _arith(completion, answer)
 
 
-# ---------------------------------------------------------------- gates for tests/integration/test_pipeline.py
+# ---------------------------------------------------------------- gates for tests/integration/test_one_command.py
 # Stage 1 rewards that hold a Stage 1 sampler until the pipeline's Stage 2 has reached a point, so a
 # test can show that Stage 2 got there while Stage 1 was still running (a pipeline that started Stage
 # 2 only after Stage 1 would keep the gate shut until GATE_TIMEOUT_S, and its test would fail).
