@@ -202,7 +202,11 @@ class OutputLock:
             fs_write_json(self.fs, self.path, host_and_pid())
 
     def release(self) -> None:
+        """Remove the lock file if this object took it (after a refused `acquire` the file is another job's)."""
+        if self._thread is None:
+            return
         self._stop.set()
+        self._thread = None
         try:
             self.fs.delete_file(self.path)
         except Exception:  # noqa: BLE001 - already gone

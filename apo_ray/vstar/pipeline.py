@@ -321,8 +321,9 @@ def open_job(job: Stage1Job, device: str, prepare: bool = True) -> None:
     plan is reused (`job.reused`), one of another plan refused. Call once Ray is up. With
     prepare=False nothing is written yet (a driver with more checks to make calls `prepare_output`)."""
     cfg, fs, out = job.cfg, job.fs, job.out
-    job.lock = OutputLock(fs, out, job.uri)
-    job.lock.acquire()
+    lock = OutputLock(fs, out, job.uri)
+    lock.acquire()
+    job.lock = lock  # only once taken: `close` releases what this job holds
     job.plan, job.pinned = make_plan(cfg, job.model_path, device, job.prompts.fingerprint, len(job.prompts), job.reward)
     if fs_exists(fs, f"{out}/manifest.json") and not cfg.vstar.overwrite:
         manifest = fs_read_json(fs, f"{out}/manifest.json")
