@@ -101,7 +101,8 @@ def pool_cap(cfg: Config, device: str, have: dict[str, float]) -> int:
     """How many Stage 1 engine actors fit in `have` beside Stage 2's learners and replicas (0 if none)."""
     from apo_ray.train.loop import stage2_resources
 
-    left = {k: v - stage2_resources(cfg, device).get(k, 0.0) for k, v in have.items()}
+    stage2 = stage2_resources(cfg, device)
+    left = {k: v - stage2.get(k, 0.0) for k, v in have.items()}
     one = pool_resources(cfg, device, 1)
     return int(min(left.get(k, 0.0) // v for k, v in one.items() if v > 0))
 
