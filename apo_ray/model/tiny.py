@@ -14,11 +14,15 @@ that transformers and vLLM(-CPU) both load:
   attention rejects head_dim 16), 1 KV head, untied embeddings (~0.56 M params).
 - warm start (``sft=True``): a plain seeded torch loop, in float64, on arith train problems
   (``"37+45="`` -> ``"82<|endoftext|>"``, loss on completion tokens only): a fixed 3000 AdamW
-  steps, linear warm-up then cosine decay to 0, from a demonstrator that is wrong on purpose
-  (each time a problem is drawn, its answer is off by one with probability `wrong_frac` = 0.65).
-  Trained to convergence, the model samples the right answer ~30 % of the time and mostly answers
-  greedily with the wrong one: held-out greedy ~0.15, sampled ~0.31, a settled model that RL can
-  still improve a lot. Settled matters: the same recipe lands at the same accuracy on any machine
+  steps, linear warm-up then cosine decay to 0, from a demonstrator that is wrong on purpose: each
+  time a problem is drawn, its answer is off by one with a probability that rises with the right
+  answer, from `wrong_frac` = 0.3 at 0 to `wrong_frac_max` = 0.95 at 198. Trained to convergence,
+  the model answers small sums greedily right and large ones wrong: held-out greedy ~0.18, sampled
+  ~0.33, a settled model that RL can still improve a lot, and gradually: as RL shrinks the model's
+  "+1" habit, the sum below which greedy answers are right moves up through the problems, so
+  held-out accuracy climbs over hundreds of steps at the paper's lr (1e-6) instead of flipping for
+  all problems at once (which a single error rate does, measured: 0.14 -> 0.86 within 50 steps at
+  lr 1e-4). Settled matters: the same recipe lands at the same accuracy on any machine
   (`python jobs/bench.py warmstart` builds it with this CPU's kernels and with AVX2's). A clean run
   stopped half-way, as this recipe used to be, is not: float rounding that differs between CPUs
   grows from 1e-16 to O(1) in the weights within ~200 steps (measured), and the step where accuracy
@@ -50,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apo_ray.data.arith import arith_problems
+from apo_ray.data.arith import arith_answer, arith_problems
 from apo_ray.rewards.arith import arith_reward
 
 # Bump when the build changes in a way the recipe fields do not capture (invalidates caches).
@@ -93,9 +97,14 @@ class TinyRecipe:
     train_dtype: str = "float64"
     # The demonstrator is wrong this often: each time a problem is drawn, its answer is off by one
     # (answer + 1) with this probability. Trained to convergence, the model samples the right answer
-    # about 1 - wrong_frac of the time and answers greedily with the wrong one: a settled model (the
-    # same on any machine) that RL can still improve a lot.
-    wrong_frac: float = 0.65
+    # about 1 - wrong_frac of the time and answers greedily with the likelier one: a settled model
+    # (the same on any machine) that RL can still improve a lot.
+    wrong_frac: float = 0.3
+    # If set, the demonstrator's error rate is not one number but rises linearly with the right
+    # answer, from `wrong_frac` at answer 0 to `wrong_frac_max` at the largest answer the task can
+    # have: the settled model answers small sums right and large ones wrong, and RL has a boundary to
+    # move across the problems rather than one global bias to flip.
+    wrong_frac_max: float | None = 0.95
     # measurement (recorded, not a stopping rule): held-out eval problems of the arith task
     num_eval: int = 1000
     eval_seed: int = 0
@@ -111,8 +120,10 @@ def make_recipe(**kwargs: Any) -> TinyRecipe:
     recipe = TinyRecipe(**kwargs)
     if recipe.hidden_size % recipe.num_attention_heads or recipe.hidden_size // recipe.num_attention_heads != 64:
         raise ValueError("tiny model: hidden_size / num_attention_heads must be 64 (vLLM-CPU attention)")
-    if not 0.0 <= recipe.wrong_frac < 1.0:
-        raise ValueError(f"tiny model: wrong_frac must be in [0, 1), got {recipe.wrong_frac}")
+    for key in ("wrong_frac", "wrong_frac_max"):
+        value = getattr(recipe, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"tiny model: {key} must be in [0, 1), got {value}")
     if recipe.train_dtype not in ("float32", "float64"):
         raise ValueError(f"tiny model: train_dtype must be 'float32' or 'float64', got {recipe.train_dtype!r}")
     return recipe
@@ -235,6 +246,14 @@ def _encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def wrong_prob(answer: int, rec: TinyRecipe) -> float:
+    """How often the demonstrator is off by one on a problem whose right answer is `answer`."""
+    if rec.wrong_frac_max is None:
+        return rec.wrong_frac
+    largest = max(abs(arith_answer(10**rec.digits - 1, op, 10**rec.digits - 1)) for op in rec.ops) or 1
+    return rec.wrong_frac + (rec.wrong_frac_max - rec.wrong_frac) * min(1.0, abs(answer) / largest)
+
+
 def lr_factor(step: int, rec: TinyRecipe) -> float:
     """The lr multiplier of optimizer step `step` (0-based): linear warm-up, then cosine decay to 0 at `rec.steps`."""
     if step < rec.warmup_steps:
@@ -299,6 +318,7 @@ def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | N
 
     problems = arith_problems("train", rec.num_train, seed=rec.seed, digits=rec.digits, ops=rec.ops)
     seqs = []  # per problem: (ids, labels) with the right answer, then with the demonstrator's wrong one
+    wrong_P = [wrong_prob(int(p["answer"]), rec) for p in problems]
     for p in problems:
         q = _encode(tok, p["question"])
         pair = []
@@ -314,7 +334,8 @@ def sft_arith(model, tok, rec: TinyRecipe, probe: Callable[[int, Any], None] | N
     with _whole_model_in_its_dtype(model):
         for step in range(1, rec.steps + 1):
             model.train()
-            batch = [pair[wrong.random() < rec.wrong_frac] for pair in rng.sample(seqs, rec.batch_size)]
+            picked = rng.sample(range(len(seqs)), rec.batch_size)
+            batch = [seqs[i][wrong.random() < wrong_P[i]] for i in picked]
             width = max(len(ids) for ids, _ in batch)
             ids_BT = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
             labels_BT = torch.full((len(batch), width), -100, dtype=torch.long)
