@@ -46,7 +46,7 @@ demo: install
 bench: install
 	$(BIN)/python jobs/bench.py stage1 --config demo
 	$(BIN)/python jobs/bench.py stage2 --config demo
-	$(BIN)/python jobs/bench.py compare --config demo --seeds 3 --budget 75 train.eval_every=16
+	$(BIN)/python jobs/bench.py compare --config demo --seeds 3 --budget 240 --lr-grid 5e-7,1e-6 train.eval_every=32
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,6 @@
 """A*-PO against GRPO with statistics: several seeds, each algorithm at the lr it does best with.
 
-    python jobs/bench.py compare --config demo --seeds 3 --lr-grid 1e-4,3e-4 --budget 75
+    python jobs/bench.py compare --config demo --seeds 3 --lr-grid 5e-7,1e-6 --budget 240 train.eval_every=32
 
 1. lr: on seed 0, each algorithm runs once per lr of the same grid (`--lr-grid`); the lr whose
    held-out accuracy curve has the highest mean (area under the curve: reaching accuracy early
@@ -166,7 +166,7 @@ def run_one(cfg: Config, algo: str, seed: int, lr: float, budget_s: float, stage
     return {"algo": algo, "seed": seed, "lr": lr, "steps": rows[-1]["step"], "curve": curve}
 
 
-def bench_compare(cfg: Config, budget_s: float, seeds: int = 3, lr_grid: tuple[float, ...] = (1e-4, 3e-4)) -> dict:
+def bench_compare(cfg: Config, budget_s: float, seeds: int = 3, lr_grid: tuple[float, ...] = (5e-7, 1e-6)) -> dict:
     """See the module doc."""
     from apo_ray import evaluation
     from apo_ray.bench import OUT
@@ -222,13 +222,13 @@ def _print(res: dict) -> None:
     for algo in ("astar_po", "grpo"):
         a = s[algo]
 
-        def fmt(ms):
-            return f"{ms[0]:.1f} +- {ms[1]:.1f}" if ms else "-"
+        def fmt(ms, digits=1):
+            return f"{ms[0]:.{digits}f} +- {ms[1]:.{digits}f}" if ms else "-"
 
         print(
             f"  {algo:9s} reached {a['reached']}/{len(a['seeds'])}; s to target {fmt(a['seconds_to_target_mean_se'])}"
             f" (Stage 1 work only: {fmt(a['work_seconds_to_target_mean_se'])}); KL there "
-            f"{fmt(a['kl_at_target_mean_se'])}; final {fmt(a['final_accuracy_mean_se'])}"
+            f"{fmt(a['kl_at_target_mean_se'], 3)}; final {fmt(a['final_accuracy_mean_se'], 3)}"
         )
     if "time_ratio_astar_over_grpo" in s:
         print(
