@@ -2,10 +2,10 @@
 
     python jobs/bench.py stage1  --config demo   # pipeline tokens/s vs a bare vllm.LLM.generate
     python jobs/bench.py stage2  --config demo [--algos astar_po]   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
-    python jobs/bench.py compare --config demo --seeds 3   # A*-PO vs GRPO: time to a target, mean +- s.e. over seeds
+    python jobs/bench.py compare --config demo --seeds 3 train.eval_every=32   # A*-PO vs GRPO: time to a target, mean +- s.e. over seeds
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
     python jobs/bench.py floor   --config demo --steps 30   # Stage 1 and 2 against one plain process (the floor)
-    python jobs/bench.py sweep   --config demo --steps 4    # the same across model sizes and response lengths
+    python jobs/bench.py sweep   --config demo              # the same across model sizes and response lengths
     python jobs/bench.py warmstart   # the tiny model built with this CPU's kernels and with AVX2's: same accuracy?
 
 Each writes JSON under runs/bench/ and prints a table. They run on whatever machine

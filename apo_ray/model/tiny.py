@@ -95,10 +95,11 @@ class TinyRecipe:
     # of the two builds are 1e-9 apart at step 100 and O(1) apart by step 200. What makes the recipe
     # land at the same accuracy is that it trains to convergence; float64 is what was measured so.
     train_dtype: str = "float64"
-    # The demonstrator is wrong this often: each time a problem is drawn, its answer is off by one
-    # (answer + 1) with this probability. Trained to convergence, the model samples the right answer
-    # about 1 - wrong_frac of the time and answers greedily with the likelier one: a settled model
-    # (the same on any machine) that RL can still improve a lot.
+    # The demonstrator is wrong this often (at answer 0 when `wrong_frac_max` is set): each time a
+    # problem is drawn, its answer is off by one (answer + 1) with this probability. Trained to
+    # convergence, the model samples the right answer about as often as the demonstrator gave it and
+    # answers greedily with the likelier one: a settled model (the same on any machine) that RL can
+    # still improve a lot.
     wrong_frac: float = 0.3
     # If set, the demonstrator's error rate is not one number but rises linearly with the right
     # answer, from `wrong_frac` at answer 0 to `wrong_frac_max` at the largest answer the task can
@@ -122,8 +123,10 @@ def make_recipe(**kwargs: Any) -> TinyRecipe:
         raise ValueError("tiny model: hidden_size / num_attention_heads must be 64 (vLLM-CPU attention)")
     for key in ("wrong_frac", "wrong_frac_max"):
         value = getattr(recipe, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ValueError(f"tiny model: {key} must be in [0, 1), got {value}")
+        if value is None and key == "wrong_frac_max":  # no ramp: one error rate for every problem
+            continue
+        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"tiny model: {key} must be in [0, 1), got {value!r}")
     if recipe.train_dtype not in ("float32", "float64"):
         raise ValueError(f"tiny model: train_dtype must be 'float32' or 'float64', got {recipe.train_dtype!r}")
     return recipe
@@ -250,7 +253,8 @@ def wrong_prob(answer: int, rec: TinyRecipe) -> float:
     """How often the demonstrator is off by one on a problem whose right answer is `answer`."""
     if rec.wrong_frac_max is None:
         return rec.wrong_frac
-    largest = max(abs(arith_answer(10**rec.digits - 1, op, 10**rec.digits - 1)) for op in rec.ops) or 1
+    hi = 10**rec.digits - 1  # |answer| is largest at a corner of the operand square
+    largest = max(abs(arith_answer(a, op, b)) for op in rec.ops for a in (0, hi) for b in (0, hi)) or 1
     return rec.wrong_frac + (rec.wrong_frac_max - rec.wrong_frac) * min(1.0, abs(answer) / largest)
 
 

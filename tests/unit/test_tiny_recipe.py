@@ -24,6 +24,17 @@ def test_the_scale_follows_the_task():
     assert wrong_prob(-999, rec) == pytest.approx(wrong_prob(999, rec))
 
 
+def test_subtraction_alone_scales_by_its_own_largest_answer():
+    rec = make_recipe(ops="-")
+    assert wrong_prob(-99, rec) == pytest.approx(rec.wrong_frac_max)  # 0 - 99
+    assert wrong_prob(-50, rec) < rec.wrong_frac_max
+
+
+def test_the_base_rate_cannot_be_none():
+    with pytest.raises(ValueError, match="wrong_frac"):
+        make_recipe(wrong_frac=None)
+
+
 @pytest.mark.parametrize("key", ["wrong_frac", "wrong_frac_max"])
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_rates_outside_0_1_are_refused(key, value):
