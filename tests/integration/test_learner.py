@@ -93,6 +93,22 @@ def _weights(learner) -> dict[str, torch.Tensor]:
     return dict(learner.named_weights())
 
 
+def assert_same_adam_steps(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], steps: int) -> None:
+    """Weights after the same `steps` Adam steps taken two ways (accumulated, sharded, ZeRO-3).
+
+    Agree to 1e-5, except where Adam amplifies rounding: on a weight whose gradient is ~0, the two
+    ways' sums round differently and m / sqrt(v) can flip, moving it by up to lr per step (measured:
+    1 of 65,536 elements, 1.2e-5 apart, on an Intel Xeon; none on AMD EPYC). A real bug (a wrong
+    normaliser, a lost micro-batch) moves most elements, so at most 1e-4 of them may differ, by no
+    more than the steps could move them.
+    """
+    for k, v in want.items():
+        diff = (got[k] - v).abs()
+        off = int((diff > 1e-5).sum())
+        assert off <= max(1, v.numel() // 10_000), f"{k}: {off} of {v.numel()} elements differ by more than 1e-5"
+        assert float(diff.max()) <= 2 * steps * LR, f"{k}: max difference {float(diff.max()):.2e}"
+
+
 def _hf_logp(model, batch) -> torch.Tensor:
     """Independent of the learner: log p(token t | < t) at position t, 0 at t = 0 and on padding."""
     logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits.float()
@@ -212,8 +228,7 @@ def test_accumulation_equals_one_big_micro_batch(dist_group, model_dir, algo):
         results.append((s2, _weights(learner)))
     (s_a, w_a), (s_b, w_b) = results
     assert s_a["grad_norm"] == pytest.approx(s_b["grad_norm"], rel=1e-4)
-    for k in w_a:
-        torch.testing.assert_close(w_a[k], w_b[k], rtol=0, atol=1e-5)
+    assert_same_adam_steps(w_a, w_b, steps=2)
 
 
 def test_grpo_minibatch(dist_group, model_dir):
@@ -289,7 +304,7 @@ def test_zero3_matches_zero0_and_gathers_full_weights(dist_group, model_dir):
     assert set(w3) == set(w0)
     for k in w0:
         assert w3[k].shape == w0[k].shape, k
-        torch.testing.assert_close(w3[k], w0[k], rtol=0, atol=1e-5)
+    assert_same_adam_steps(w3, w0, steps=1)
 
 
 # ---------------------------------------------------------------- two ranks
@@ -322,8 +337,7 @@ def test_two_ranks_equal_one_rank(dist_group, model_dir, tmp_path):
     for s2, s1 in zip(got["stats"], expected):
         for key in ("loss", "kl", "grad_norm", "logprob_gap", "entropy", "response_len"):
             assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-7), key
-    for k, v in _weights(one).items():
-        torch.testing.assert_close(got["weights"][k], v, rtol=0, atol=1e-5)
+    assert_same_adam_steps(got["weights"], _weights(one), steps=2)
 
 
 # ---------------------------------------------------------------- bf16 (as on GPUs), on the CPU
