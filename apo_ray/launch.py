@@ -54,6 +54,7 @@ class EngineSpec:
     max_num_seqs: int
     enable_sleep_mode: bool = False
     weight_sync: bool | str = False  # False, or the backend the learner pushes with (shm | ipc | nccl)
+    cpu_threads: int | None = None  # vLLM-CPU: torch threads of the engine (None: its process's default)
 
 
 def engine_spec(

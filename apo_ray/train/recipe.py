@@ -101,8 +101,10 @@ def setup(config: dict) -> StepContext:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     check_reach(RunDir(plan.output_dir), cfg.train.shared_output_dir, plan.run_token)
     seed_everything(cfg.train.seed + rank)
+    threads = None
     if plan.device == "cpu":
-        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_actor)))
+        threads = cpu_threads(cfg, ctx.get_local_world_size())
+        torch.set_num_threads(threads)
 
     learner = Learner(
         plan.model_path,
@@ -114,7 +116,7 @@ def setup(config: dict) -> StepContext:
         seqs_per_optimizer_step=plan.seqs_per_minibatch,
         temperature=cfg.sampling.temperature,
     )
-    spec = dataclasses.replace(plan.engine, seed=plan.engine.seed + rank)
+    spec = dataclasses.replace(plan.engine, seed=plan.engine.seed + rank, cpu_threads=threads)
     ctx = StepContext(
         cfg=cfg,
         plan=plan,
@@ -139,6 +141,21 @@ def setup(config: dict) -> StepContext:
     start_replica(ctx)
     ctx.pad_id = _call(ctx.engine, "tokenizer_eos_id") or 0
     return ctx
+
+
+def cpu_threads(cfg: Config, learners_here: int) -> int:
+    """Torch threads of a CPU learner, and of its rollout replica.
+
+    The two take turns (generate, then update, then sync; never at once), so each may use all the
+    CPUs its Ray Train worker reserved for both (`colocated_worker_resources`), but no more than
+    its share of this node's cores: Ray's CPUs are logical and may outnumber them. With 2 threads
+    instead of 1 the demo model's update takes 0.051 s instead of 0.082 s (measured, 2 vCPUs).
+    """
+    from apo_ray.launch import colocated_worker_resources
+
+    reserved = colocated_worker_resources("cpu", cfg.train.placement, cfg.resources.cpus_per_actor)["CPU"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(reserved), cores // max(1, learners_here)))
 
 
 def check_reach(out: RunDir, shared: bool, token: str) -> None:

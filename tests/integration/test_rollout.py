@@ -88,6 +88,20 @@ def test_generate_n_completions(engine, model_a):
     assert engine.generate(PROMPTS[:2], n=2, max_tokens=4)[0].completions[0].logprobs == []
 
 
+def test_prompts_go_in_as_the_token_ids_vllm_would_make(engine):
+    """`generate` tokenizes each prompt once and sends vLLM the ids: the same samples as vLLM's own text path."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=2, max_tokens=8, seed=21 + 2 * i) for i in range(len(PROMPTS))]
+    text_path = engine.llm.generate(PROMPTS, params, use_tqdm=False)
+    for _ in range(2):  # the cache cold, then warm
+        ours = engine.generate(PROMPTS, n=2, max_tokens=8, seed=21)
+        assert [[c.token_ids for c in r.completions] for r in ours] == [
+            [list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in text_path
+        ]
+        assert [r.prompt_token_ids for r in ours] == [list(o.prompt_token_ids) for o in text_path]
+
+
 def test_seed_reproducible(engine):
     def ids(seed):
         res = engine.generate(PROMPTS, n=3, max_tokens=8, seed=seed)
@@ -157,6 +171,11 @@ def test_weight_sync_shm(engine, model_a, model_b, mode):
         assert _max_seq_gap(a, engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
         with pytest.raises(RuntimeError, match="yielded no tensors"):
             sync.push(iter(()), engine)
+        # vLLM-CPU: the GEMMs read plain weights, loaded by the model's own load_weights, which
+        # must get every weight (a missing one is named, never left stale or uninitialised)
+        assert engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()._apo_plain_weights
+        with pytest.raises(RuntimeError, match=r"no tensor for 1 of the model's weights: \['model.norm.weight'\]"):
+            sync.push(((k, v) for k, v in sd.items() if k != "model.norm.weight"), engine)
     finally:
         sync.push(_hf(model_a).state_dict().items(), engine)  # leave the module engine as it was
         sync.close()

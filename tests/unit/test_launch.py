@@ -80,3 +80,25 @@ def test_a_learner_worker_reserves_its_colocated_replica_too():
     assert colocated_worker_resources("cpu", "colocate", 1.0) == {"CPU": 2.0}
     assert colocated_worker_resources("cuda", "colocate", 2.0) == {"CPU": 3.0, "GPU": 1.0}
     assert colocated_worker_resources("cuda", "separate", 2.0) == {"CPU": 1.0, "GPU": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("cpus_per_actor", "cores", "learners_here", "threads"),
+    [
+        (1.0, 2, 1, 2),  # the demo: learner and replica take turns on the worker's 2 reserved CPUs
+        (1.0, 2, 2, 1),  # two learners on 2 cores: one core each, as before
+        (2.0, 16, 1, 4),  # never more than the worker reserved
+        (4.0, 2, 1, 2),  # nor more than the cores (Ray's CPUs are logical)
+        (0.5, 8, 1, 1),
+    ],
+)
+def test_a_cpu_learner_and_its_replica_use_the_cpus_reserved_for_both(
+    monkeypatch, cpus_per_actor, cores, learners_here, threads
+):
+    import os
+
+    from apo_ray.train.recipe import cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    cfg = load_config("demo", [f"resources.cpus_per_actor={cpus_per_actor}"])
+    assert cpu_threads(cfg, learners_here) == threads
