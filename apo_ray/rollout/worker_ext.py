@@ -192,12 +192,13 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         RuntimeError: the CPU path was not given every weight of the model (named).
     """
     from vllm.config import set_current_vllm_config
+    from vllm.platforms import current_platform
 
     model = worker.model_runner.get_model()
     gemms = getattr(model, "_apo_cpu_gemms", None)
     if gemms is None:
         cfg = worker.vllm_config
-        plain = cfg.model_config.quantization is None and cfg.lora_config is None
+        plain = current_platform.is_cpu() and cfg.model_config.quantization is None and cfg.lora_config is None
         model._apo_cpu_gemms = gemms = keep_cpu_gemm_weights(model) if plain else False
     if gemms is False:
         worker.reload_weights(weights_iterator=weights)  # model_runner.reload_weights in set_current_vllm_config()
