@@ -6,6 +6,7 @@
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
     python jobs/bench.py floor   --config demo --steps 30   # Stage 1 and 2 against one plain process (the floor)
     python jobs/bench.py sweep   --config demo              # the same across model sizes and response lengths
+    python jobs/bench.py parts   --config demo              # a step's pieces timed apart, one process each side
     python jobs/bench.py warmstart   # the tiny model built with this CPU's kernels and with AVX2's: same accuracy?
 
 Each writes JSON under runs/bench/ and prints a table. They run on whatever machine
@@ -418,7 +419,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="jobs/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep", "warmstart"))
+    p.add_argument("which", choices=("stage1", "stage2", "compare", "load", "floor", "sweep", "parts", "warmstart"))
     p.add_argument("--config", "-c", default="demo")
     p.add_argument("--steps", type=int, default=12, help="stage2, floor: steps per run")
     p.add_argument("--budget", type=float, default=240.0, help="compare: wall-clock seconds per run")
@@ -426,6 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-grid", default="5e-7,1e-6", help="compare: the lrs tried on seed 0 (comma-separated)")
     p.add_argument("--prompts", type=int, default=256, help="sweep: Stage 1 prompts per point")
     p.add_argument("--algos", default="astar_po,grpo", help="stage2: comma-separated algorithms to time")
+    p.add_argument("--repeats", type=int, default=30, help="parts: timed calls per piece")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
     # Plain parse_args() rejects `compare --budget 120 train.eval_every=25`: the positional
     # overrides were already consumed (empty) before the options.
@@ -442,10 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.runtime import init_ray, versions
 
     t = time.time()
-    if args.which not in ("load", "floor", "sweep", "warmstart"):  # load: a Ray per scale; floor, sweep: later
+    if args.which not in ("load", "floor", "sweep", "parts", "warmstart"):  # load: a Ray per scale; floor, sweep: later
         init_ray(cfg.resources)
     if args.which == "warmstart":
         res = bench_warmstart()
+    elif args.which == "parts":
+        from apo_ray.parts import bench_parts
+
+        res = bench_parts(args.config, args.overrides, args.repeats)
     elif args.which == "floor":
         res = bench_floor(cfg, args.steps)
     elif args.which == "sweep":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -157,20 +158,22 @@ class Floor:
         total = time.perf_counter() - t_all
         return vstar_P, {"generate_s": gen_s, "score_s": score_s, "total_s": total, "tokens": tokens}
 
-    def step(self, rows: list[dict], seed: int) -> dict:
-        """One A*-PO step on `rows` ({prompt, answer, vstar}): seconds per phase, loss, reward."""
-        from apo_ray.algo import astar_po_loss
-        from apo_ray.train.learner import RolloutBatch, aligned_logprobs
+    def batch(self, out: Sampled, rows: list[dict]) -> tuple[Any, list[float]]:
+        """The learner batch of `out` (one sample per row of `rows`: {answer, vstar}), trimmed, and its rewards."""
+        from apo_ray.train.learner import RolloutBatch
 
-        t, temp = self.cfg.train, self.cfg.sampling.temperature
-        t0 = time.perf_counter()
-        out = self.sample([r["prompt"] for r in rows], 1, seed)
-        t1 = time.perf_counter()
         rewards = [self.scorer(text, r["answer"]) for text, r in zip(out.texts, rows)]
         batch = RolloutBatch.from_sequences(
             out.prompt_ids, out.response_ids, None, rewards, [r["vstar"] for r in rows], None, self.pad_id
         ).trimmed()
-        t2 = time.perf_counter()
+        return batch, rewards
+
+    def update(self, batch: Any) -> tuple[torch.Tensor, dict, float]:
+        """One AdamW step of A*-PO on `batch` (a trimmed `RolloutBatch`): (loss, its stats, grad norm)."""
+        from apo_ray.algo import astar_po_loss
+        from apo_ray.train.learner import aligned_logprobs
+
+        t, temp = self.cfg.train, self.cfg.sampling.temperature
         self.policy.train()
         ids, mask = batch.input_ids_BT, batch.attention_mask_BT
         logp_BT = aligned_logprobs(self.policy(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, temp)
@@ -184,6 +187,16 @@ class Floor:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.grad_clip)
         self.opt.step()
+        return loss, stats, float(grad_norm)
+
+    def step(self, rows: list[dict], seed: int) -> dict:
+        """One A*-PO step on `rows` ({prompt, answer, vstar}): seconds per phase, loss, reward."""
+        t0 = time.perf_counter()
+        out = self.sample([r["prompt"] for r in rows], 1, seed)
+        t1 = time.perf_counter()
+        batch, rewards = self.batch(out, rows)
+        t2 = time.perf_counter()
+        loss, stats, grad_norm = self.update(batch)
         t3 = time.perf_counter()
         return {
             "generate_s": t1 - t0,
@@ -193,7 +206,7 @@ class Floor:
             "loss": float(loss.detach()),
             "reward_mean": sum(rewards) / len(rewards),
             "kl": stats["log_ratio_mean"],
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "gen_tokens": sum(len(r) for r in out.response_ids),
             "response_len": sum(len(r) for r in out.response_ids) / len(out.response_ids),
         }

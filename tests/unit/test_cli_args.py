@@ -36,3 +36,8 @@ def test_job_overrides_anywhere(argv, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "lr: 1.0e-05" in out and "num_samples: 4" in out
+
+
+def test_bench_parts_takes_its_repeats():
+    args = bench.parse_args(["parts", "--repeats", "5", "--config", "demo", "sampling.max_tokens=16"])
+    assert (args.which, args.repeats, args.overrides) == ("parts", 5, ["sampling.max_tokens=16"])
