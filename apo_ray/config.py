@@ -174,6 +174,11 @@ class TrainConfig:
     # ~30 % more compute, activations of all layers but one drop to their inputs (apo_ray.memory).
     gradient_checkpointing: bool = False
     placement: Literal["colocate", "separate"] = "colocate"
+    # Where a CPU learner's rollout replica runs: "learner" in the learner's own process (no Ray
+    # round trip per call, the weights loaded straight from the learner's tensors; vLLM-CPU with one
+    # learner and tensor_parallel_size 1), "actor" in a Ray actor of its own on the learner's node
+    # (a replica that dies is restarted alone), "auto" = "learner" where it can, else "actor".
+    rollout_process: Literal["auto", "learner", "actor"] = "auto"
     sleep_between_phases: bool = True  # GPU only: vLLM sleep/wake around training
     # Checkpoints, eval, loggers
     save_every: int = 50
@@ -431,6 +436,24 @@ def _positive(cfg: Config, key: str, value: float, allow_zero: bool = False) -> 
         _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def rollout_in_learner_blocker(cfg: Config, device: str | None = None) -> str | None:
+    """Why a learner cannot run its rollout replica in its own process (`train.rollout_process`), or None.
+
+    Args:
+        device: "cpu" | "cuda"; None checks only what the config alone decides.
+    """
+    if device == "cuda":
+        return "on GPUs vLLM runs its engine in processes of its own"
+    if cfg.train.num_learners > 1:
+        return (
+            f"with train.num_learners={cfg.train.num_learners} vLLM's worker would take over the learners' "
+            "torch.distributed world, which has more than its one rank"
+        )
+    if cfg.engine.tensor_parallel_size > 1:
+        return f"engine.tensor_parallel_size={cfg.engine.tensor_parallel_size} runs vLLM's workers in processes of their own"
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Check values and relations between keys. Raises ConfigError naming the key.
 
@@ -500,6 +523,8 @@ def validate(cfg: Config) -> None:
             "train.mini_batch_size",
             f"{t.mini_batch_size} prompts must split evenly over train.num_learners={t.num_learners}",
         )
+    if t.rollout_process == "learner" and (why := rollout_in_learner_blocker(cfg)):
+        _fail("train.rollout_process", f"'learner' is not possible here: {why}; use 'auto' or 'actor'")
     for key, value in (
         ("engine.tensor_parallel_size", cfg.engine.tensor_parallel_size),
         ("engine.cpu_kvcache_gib", cfg.engine.cpu_kvcache_gib),

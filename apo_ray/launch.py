@@ -280,6 +280,6 @@ def make_sync(spec: EngineSpec, *, rank: int, run_id: str):
     """The learner-side weight sync for a replica built from `spec` (its backend, its tp world size)."""
     from apo_ray.rollout.weight_sync import make_weight_sync
 
-    if spec.weight_sync not in ("shm", "ipc", "nccl"):
+    if spec.weight_sync not in ("shm", "local", "ipc", "nccl"):
         raise ValueError(f"engine spec has no weight-sync backend (weight_sync={spec.weight_sync!r})")
     return make_weight_sync(spec.weight_sync, rank=rank, run_id=run_id, engine_world_size=spec.tensor_parallel_size)

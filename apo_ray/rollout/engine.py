@@ -53,15 +53,17 @@ class PromptResult:
 
 
 def _sync_backend(weight_sync: bool | str, on_cpu: bool) -> str | None:
-    """Which weight-sync backend the engine is built for: None, "shm", "ipc" or "nccl"."""
+    """Which weight-sync backend the engine is built for: None, "shm", "local", "ipc" or "nccl"."""
     if weight_sync is False or weight_sync is None:
         return None
     if weight_sync is True:
         return "shm" if on_cpu else "ipc"
-    if weight_sync not in ("shm", "ipc", "nccl"):
-        raise ValueError(f"weight_sync must be a bool or one of shm|ipc|nccl, got {weight_sync!r}")
-    if on_cpu and weight_sync != "shm":
-        raise ValueError(f"weight_sync={weight_sync!r} needs GPUs; vLLM-CPU supports only 'shm'")
+    if weight_sync not in ("shm", "local", "ipc", "nccl"):
+        raise ValueError(f"weight_sync must be a bool or one of shm|local|ipc|nccl, got {weight_sync!r}")
+    if on_cpu and weight_sync not in ("shm", "local"):
+        raise ValueError(f"weight_sync={weight_sync!r} needs GPUs; vLLM-CPU supports 'shm' and 'local'")
+    if weight_sync == "local" and not on_cpu:
+        raise ValueError("weight_sync='local' (the engine in its learner's process) is vLLM-CPU only")
     return weight_sync
 
 
@@ -104,7 +106,8 @@ class RolloutEngine:
         tensor_parallel_size, gpu_memory_utilization, enforce_eager, max_num_seqs: as in vLLM.
         enable_sleep_mode: GPU only; lets ``sleep`` free GPU memory while a colocated learner trains.
         weight_sync: False, or the backend the learner will push weights with: "shm" (file in
-            /dev/shm, CPU or GPU), "ipc" (colocated GPUs), "nccl" (separate GPUs). True means
+            /dev/shm, CPU or GPU), "local" (vLLM-CPU, the engine built in the learner's own
+            process: `load_weights`), "ipc" (colocated GPUs), "nccl" (separate GPUs). True means
             "shm" on CPU and "ipc" on GPU.
         cpu_threads: vLLM-CPU only: torch threads of the engine (None: this process's default;
             Ray gives an actor as many as it reserved CPUs, 1 for a zero-CPU actor).
@@ -149,6 +152,15 @@ class RolloutEngine:
             kwargs["worker_extension_cls"] = WORKER_EXTENSION
         if self.on_cpu and tensor_parallel_size == 1:
             kwargs.update(single_process_cpu_kwargs())
+        # Its worker runs in this process: `load_weights` may hand it tensors (nothing is serialised).
+        self.in_process = (
+            self.on_cpu and tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        )
+        if self.sync_backend == "local" and not self.in_process:
+            raise ValueError(
+                "weight_sync='local' needs vLLM's worker in this process (tensor_parallel_size=1, "
+                f"VLLM_ENABLE_V1_MULTIPROCESSING=0; it is {os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING')!r})"
+            )
         self.sleep_enabled = enable_sleep_mode and not self.on_cpu
         if not self.on_cpu:
             # GPU path (untested here): memory share, sleep mode, native weight transfer.
@@ -249,6 +261,18 @@ class RolloutEngine:
         if self.sync_backend is None:
             raise RuntimeError("RolloutEngine was built with weight_sync=False; no worker extension to load weights")
         self.llm.collective_rpc("apo_reload_from_shm", args=(str(path), token))
+        self.llm.reset_prefix_cache()
+
+    def load_weights(self, named_tensors) -> None:
+        """Load (name, tensor) pairs of the full HF state dict, handed over in this process: the
+        engine in its learner's process (weight_sync="local"), reading the learner's own tensors."""
+        if self.sync_backend is None or not self.in_process:
+            raise RuntimeError(
+                "load_weights needs an engine built with weight_sync whose vLLM worker runs in this process "
+                f"(vLLM-CPU, tensor_parallel_size 1); this one has weight_sync={self.sync_backend!r}, "
+                f"in_process={self.in_process}"
+            )
+        self.llm.collective_rpc("apo_load_weights", args=(named_tensors,))
         self.llm.reset_prefix_cache()
 
     def update_weights_from_file(self, path: str) -> None:

@@ -1,6 +1,10 @@
 """Weight sync: push the learner's weights into its rollout engine after every optimizer step.
 
-One interface, three backends, chosen by ``make_weight_sync(backend, ...)``:
+One interface, four backends, chosen by ``make_weight_sync(backend, ...)``:
+
+- "local" (CPU; tested): the engine lives in the learner's own process (`train.rollout_process`),
+  so the learner's tensors go straight into vLLM's ``load_weights`` (`RolloutEngine.load_weights`):
+  no copy, no file, no round trip.
 
 - "shm" (CPU; tested): through shared memory on the node. The first push streams (name, tensor)
   pairs into a safetensors file in /dev/shm (`write_weights_shm`) that the learner and the engine's
@@ -86,7 +90,7 @@ def make_weight_sync(
     """Build the learner-side syncer for one engine.
 
     Args:
-        backend: "shm" | "ipc" | "nccl" (must match the engine's ``weight_sync``).
+        backend: "shm" | "local" | "ipc" | "nccl" (must match the engine's ``weight_sync``).
         rank: learner rank (names the shm file; error messages).
         run_id: names the shm file, so concurrent runs and ranks do not collide.
         bucket_bytes: bucket size for the GPU backends.
@@ -94,17 +98,19 @@ def make_weight_sync(
     """
     if backend == "shm":
         return ShmWeightSync(rank=rank, run_id=run_id)
+    if backend == "local":
+        return LocalWeightSync(rank=rank)
     if backend == "ipc":
         return IpcWeightSync(rank=rank, bucket_bytes=bucket_bytes)
     if backend == "nccl":
         return NcclWeightSync(rank=rank, bucket_bytes=bucket_bytes, engine_world_size=engine_world_size)
-    raise ValueError(f"unknown weight sync backend {backend!r} (shm | ipc | nccl)")
+    raise ValueError(f"unknown weight sync backend {backend!r} (shm | local | ipc | nccl)")
 
 
 # ---------------------------------------------------------------- engine calls
 
 
-def _call(handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+def call_engine(handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     """Call ``method`` on a RolloutEngine or on its Ray actor handle, and wait for the result."""
     fn = getattr(handle, method)
     if hasattr(fn, "remote"):
@@ -133,6 +139,28 @@ def _wait(pending: Any) -> Any:
     import ray
 
     return ray.get(pending)
+
+
+# ---------------------------------------------------------------- local (CPU, one process)
+
+
+class LocalWeightSync:
+    """CPU backend for an engine in the learner's own process (a `RolloutEngine`, not an actor
+    handle): its worker loads the learner's tensors as they are (`RolloutEngine.load_weights`)."""
+
+    def __init__(self, *, rank: int = 0):
+        self.rank = rank
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], engine: Any) -> PushStats:
+        if not hasattr(engine, "load_weights"):
+            raise TypeError(f"the 'local' weight sync needs the RolloutEngine itself, in this process; got {engine!r}")
+        t0 = time.perf_counter()
+        counted = _Counted(_nonempty(named_tensors, self.rank))
+        engine.load_weights(counted)
+        return PushStats(tensors=counted.tensors, bytes=counted.bytes, seconds=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- shm (CPU)
@@ -228,7 +256,7 @@ class ShmWeightSync:
         else:
             path = write_weights_shm(counted, self.path)
             try:
-                _call(engine, "update_weights_from_file", path)
+                call_engine(engine, "update_weights_from_file", path)
             finally:
                 Path(path).unlink(missing_ok=True)
         return PushStats(tensors=counted.tensors, bytes=counted.bytes, seconds=time.perf_counter() - t0)
@@ -238,7 +266,7 @@ class ShmWeightSync:
         if rest is not None or id(engine) not in self._engines:
             self._remap(rest if rest is not None else [(m.name, m.read()) for m in self._views or []])
         try:
-            _call(engine, "update_weights_from_shm", str(self.path), self._token)
+            call_engine(engine, "update_weights_from_shm", str(self.path), self._token)
             self._engines.add(id(engine))
         finally:  # mapped by the engine (or it failed: the next push writes a new file): the name goes
             self.path.unlink(missing_ok=True)
@@ -357,12 +385,12 @@ class IpcWeightSync:
 
         t0 = time.perf_counter()
         if id(engine) not in self._initialized:
-            _call(engine, "init_weight_transfer_engine", {"packed": True})
+            call_engine(engine, "init_weight_transfer_engine", {"packed": True})
             self._initialized.add(id(engine))
         uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
         named = _nonempty(named_tensors, self.rank)
         buf, handle, count, total = None, None, 0, 0
-        _call(engine, "start_weight_update")
+        call_engine(engine, "start_weight_update")
         for bucket in iter_buckets(named, self.bucket_bytes):
             sizes = [t.numel() * t.element_size() for _, t in bucket]
             if buf is None or buf.numel() < sum(sizes):
@@ -374,9 +402,11 @@ class IpcWeightSync:
                 off += n
             torch.cuda.current_stream().synchronize()
             handles = base64.b64encode(pickle.dumps({uuid: handle})).decode()  # a str survives vLLM's msgpack RPC
-            _call(engine, "update_weights", {**_meta(bucket), "ipc_handles_pickled": handles, "tensor_sizes": sizes})
+            call_engine(
+                engine, "update_weights", {**_meta(bucket), "ipc_handles_pickled": handles, "tensor_sizes": sizes}
+            )
             count, total = count + len(bucket), total + off
-        _call(engine, "finish_weight_update")
+        call_engine(engine, "finish_weight_update")
         del buf
         torch.cuda.ipc_collect()
         return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - t0)
@@ -443,7 +473,7 @@ class NcclWeightSync:
         if self.group is None:
             self._init(engine)
         count, total = 0, 0
-        _call(engine, "start_weight_update")
+        call_engine(engine, "start_weight_update")
         for bucket in iter_buckets(named, self.bucket_bytes):
             pending = _call_async(engine, "update_weights", _meta(bucket))
             packed_nccl_broadcast_producer(
@@ -457,7 +487,7 @@ class NcclWeightSync:
             _wait(pending)
             count += len(bucket)
             total += sum(t.numel() * t.element_size() for _, t in bucket)
-        _call(engine, "finish_weight_update")
+        call_engine(engine, "finish_weight_update")
         return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - t0)
 
     def close(self) -> None:

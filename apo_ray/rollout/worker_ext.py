@@ -3,7 +3,8 @@
 What: `WeightSyncExtension` is mixed into every vLLM worker by passing
 ``worker_extension_cls="apo_ray.rollout.worker_ext.WeightSyncExtension"`` to ``vllm.LLM``;
 the rollout engine then calls ``llm.collective_rpc("apo_reload_from_shm", args=(path, token))``
-(or ``"apo_reload_from_file"``).
+(or ``"apo_reload_from_file"``; an engine in its learner's process, ``"apo_load_weights"`` with the
+learner's tensors themselves: in one process nothing is serialised).
 
 Why a file: tensors passed inside ``collective_rpc`` arguments do not survive vLLM's msgpack
 transport between processes (they arrive as lists), so the data plane is a safetensors file in
@@ -177,6 +178,18 @@ class WeightSyncExtension:
         load_weights(self, ((m.name, m.read()) for m in cached[1]))
         return {"tensors": len(cached[1]), "seconds": time.perf_counter() - t0}
 
+    def apo_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Load (name, tensor) pairs handed over in this process: an engine in its learner's process
+        (`RolloutEngine.load_weights`) passes the learner's own tensors, with no copy in between.
+
+        Returns:
+            {"seconds": wall time of the load}.
+        """
+        _quiet_reload_logs()
+        t0 = time.perf_counter()
+        load_weights(self, weights)
+        return {"seconds": time.perf_counter() - t0}
+
 
 def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load a full HF state dict into the worker's model, in place.
@@ -205,7 +218,10 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         return
     with set_current_vllm_config(worker.vllm_config):
         loaded = model.load_weights(weights)
-        missing = sorted({name for name, _ in model.named_parameters()} - set(loaded or ()))
+        names = getattr(model, "_apo_param_names", None)
+        if names is None:
+            model._apo_param_names = names = frozenset(name for name, _ in model.named_parameters())
+        missing = sorted(names - set(loaded or ()))
         if missing:
             raise RuntimeError(f"weight sync sent no tensor for {len(missing)} of the model's weights: {missing[:5]}")
         repack_cpu_gemms(gemms)

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_ray.config import Config
+from apo_ray.config import Config, rollout_in_learner_blocker
 from apo_ray.errors import ConfigError
 from apo_ray.launch import EngineSpec, engine_spec
 from apo_ray.runtime import resolve_dtype, worker_env
@@ -29,7 +29,7 @@ class Stage2Plan:
     group: int  # completions per prompt: 1 (A*-PO) or train.group_size (GRPO)
     num_minibatches: int
     seqs_per_minibatch: int  # all ranks
-    sync_backend: str  # shm | ipc | nccl
+    sync_backend: str  # shm | local (the replica in the learner's process: `rollout_in_learner`) | ipc | nccl
     sleep_engine: bool  # the replica sleeps while its colocated learner trains (GPU only)
     engine: EngineSpec  # the rollout replica of rank r uses seed engine.seed + r
     output_dir: str  # train.output_dir: an absolute local path or a URI (`train.output.RunDir`)
@@ -46,13 +46,26 @@ def check_bf16_accumulation(dtype: str, zero_stage: int) -> None:
         )
 
 
+def rollout_in_learner(cfg: Config, device: str) -> bool:
+    """Whether each learner builds its rollout replica in its own process (`train.rollout_process`)."""
+    if cfg.train.rollout_process == "actor":
+        return False
+    why = rollout_in_learner_blocker(cfg, device)
+    if why and cfg.train.rollout_process == "learner":
+        raise ConfigError(
+            f"config key 'train.rollout_process': 'learner' is not possible here: {why}; use 'auto' or 'actor'"
+        )
+    return why is None
+
+
 def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stage2Plan:
     """The plan of a Stage 2 run on `device` ("cpu" | "cuda"); the config is already validated."""
     t = cfg.train
     group = t.group_size if t.algo == "grpo" else 1
     if device == "cpu":
-        backend = "shm"
+        backend = "local" if rollout_in_learner(cfg, device) else "shm"
     else:
+        rollout_in_learner(cfg, device)  # refuses rollout_process=learner
         backend = "ipc" if t.placement == "colocate" else "nccl"
     sleep = device == "cuda" and t.placement == "colocate" and t.sleep_between_phases
     dtype = resolve_dtype(cfg.model.dtype, device)

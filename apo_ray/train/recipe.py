@@ -172,19 +172,26 @@ def check_reach(out: RunDir, shared: bool, token: str) -> None:
 
 
 def start_replica(ctx: StepContext) -> None:
-    """(Re)start this rank's rollout replica and its weight sync (a new sync: NCCL groups die with the engine)."""
-    from apo_ray.launch import make_sync, start_rollout_replica
+    """(Re)start this rank's rollout replica and its weight sync (a new sync: NCCL groups die with the engine).
+
+    With the "local" sync (`train.plan.rollout_in_learner`) the replica is built in this process, once: it
+    cannot die alone (a crash takes the learner with it, and Ray Train restarts both).
+    """
+    from apo_ray.launch import build_engine, make_sync, start_rollout_replica
 
     if ctx.sync is not None:
         ctx.sync.close()
-    ctx.engine = start_rollout_replica(
-        ctx.spec,
-        device=ctx.plan.device,
-        placement=ctx.cfg.train.placement,
-        env=ctx.plan.env,
-        cpus=ctx.cfg.resources.cpus_per_actor,
-        timeout_s=ctx.cfg.engine.start_timeout_s,
-    )
+    if ctx.plan.sync_backend == "local":
+        ctx.engine = build_engine(ctx.spec)
+    else:
+        ctx.engine = start_rollout_replica(
+            ctx.spec,
+            device=ctx.plan.device,
+            placement=ctx.cfg.train.placement,
+            env=ctx.plan.env,
+            cpus=ctx.cfg.resources.cpus_per_actor,
+            timeout_s=ctx.cfg.engine.start_timeout_s,
+        )
     ctx.sync = make_sync(ctx.spec, rank=ctx.rank, run_id=f"{Path(ctx.plan.output_dir).name}-{os.getpid()}")
 
 
@@ -352,15 +359,17 @@ def one_step(ctx: StepContext, step: int) -> dict:
 
 
 def engine_weights(ctx: StepContext):
-    """The learner's weights as the replica takes them: device tensors for the GPU backends (no
-    GPU -> CPU -> GPU copy), CPU copies for the file-based one; no tied lm_head (vLLM ties it)."""
+    """The learner's weights as the replica takes them: its own tensors for the GPU backends (no
+    GPU -> CPU -> GPU copy) and for a replica in this process (vLLM copies them into its own),
+    CPU copies for the file-based one; no tied lm_head (vLLM ties it)."""
     return ctx.learner.named_weights(on_device=ctx.plan.sync_backend != "shm", skip_tied=True)
 
 
-def _call(actor: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    import ray
+def _call(engine: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """`method` of the replica: through its Ray actor handle, or on the engine itself in this process."""
+    from apo_ray.rollout.weight_sync import call_engine
 
-    return ray.get(getattr(actor, method).remote(*args, **kwargs))
+    return call_engine(engine, method, *args, **kwargs)
 
 
 def step_rows(ctx: StepContext, step: int) -> list[dict]:

@@ -114,6 +114,7 @@ def test_stage2_restarts_a_killed_rollout_replica_and_syncs_it(
         "train.num_steps=40",
         "train.save_every=1000",
         "train.eval_every=0",
+        "train.rollout_process=actor",  # a replica of its own, to kill (in the learner's process it dies with it)
     )
 
     def three_steps_done() -> bool:

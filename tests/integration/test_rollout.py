@@ -144,20 +144,22 @@ def test_logprobs_are_learner_logprobs(engine, model_a, temperature):
         assert _max_seq_gap(model, res, 1.0) > 10 * TOL
 
 
-@pytest.mark.parametrize("mode", ["map", "file"])
-def test_weight_sync_shm(engine, model_a, model_b, mode):
-    """Both CPU data planes: the shared mapping (the default; pushes after the first copy in place), a file per push."""
-    from apo_ray.rollout.weight_sync import ShmWeightSync
+@pytest.mark.parametrize("mode", ["map", "file", "local"])
+def test_weight_sync_cpu(engine, model_a, model_b, mode):
+    """The CPU data planes: the shared mapping (an engine in its own actor; pushes after the first copy
+    in place), a file per push, and the learner's own tensors (an engine in the learner's process)."""
+    from apo_ray.rollout.weight_sync import LocalWeightSync, ShmWeightSync
 
     a, b = _hf(model_a), _hf(model_b)
     before = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
     assert len(before[0].prompt_token_ids) > 128
     assert _max_seq_gap(a, before) < TOL
-    sync = ShmWeightSync(rank=0, run_id="test-rollout", mode=mode)
+    sync = LocalWeightSync() if mode == "local" else ShmWeightSync(rank=0, run_id="test-rollout", mode=mode)
     try:
         stats = sync.push(b.state_dict().items(), engine)
         assert stats.tensors == len(b.state_dict()) and stats.bytes > 0
-        assert not sync.path.exists()  # unlinked once the engine has it mapped (map) or loaded (file)
+        # unlinked once the engine has it mapped (map) or loaded (file)
+        assert mode == "local" or not sync.path.exists()
         # same prompts again: the prefix cache (KV of model A) must have been dropped
         # (without the reset the gap measured 0.7)
         after = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
@@ -176,6 +178,10 @@ def test_weight_sync_shm(engine, model_a, model_b, mode):
         assert engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()._apo_cpu_gemms
         with pytest.raises(RuntimeError, match=r"no tensor for 1 of the model's weights: \['model.norm.weight'\]"):
             sync.push(((k, v) for k, v in sd.items() if k != "model.norm.weight"), engine)
+        if mode == "local":  # the engine copied the tensors: changing them afterwards changes nothing
+            sync.push(sd.items(), engine)
+            sd["model.layers.1.mlp.down_proj.weight"] *= 2.0
+            assert _max_seq_gap(a, engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
     finally:
         sync.push(_hf(model_a).state_dict().items(), engine)  # leave the module engine as it was
         sync.close()

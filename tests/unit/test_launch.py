@@ -51,13 +51,61 @@ def test_separate_tp2_on_gpus_syncs_over_nccl_with_engine_world_size_2():
 
 @pytest.mark.parametrize(
     "device, placement, backend, sleeps",
-    [("cpu", "colocate", "shm", False), ("cuda", "colocate", "ipc", True), ("cuda", "separate", "nccl", False)],
+    [("cpu", "colocate", "local", False), ("cuda", "colocate", "ipc", True), ("cuda", "separate", "nccl", False)],
 )
 def test_sync_backend_and_sleep_are_decided_once_in_the_plan(device, placement, backend, sleeps):
     plan = make_plan(load_config("demo", [f"train.placement={placement}", "train.zero_stage=2"]), "/m", device, "arith")
     assert (plan.sync_backend, plan.sleep_engine) == (backend, sleeps)
     assert plan.engine.weight_sync == backend and plan.engine.enable_sleep_mode == sleeps
     assert plan.dtype == ("bfloat16" if device == "cuda" else "float32")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "device", "backend"),
+    [
+        ([], "cpu", "local"),  # the demo: one CPU learner builds its replica in its own process
+        (["train.rollout_process=learner"], "cpu", "local"),
+        (["train.rollout_process=actor"], "cpu", "shm"),
+        (
+            ["train.num_learners=2", "train.micro_batch_size=32"],
+            "cpu",
+            "shm",
+        ),  # vLLM's worker would take over the 2-rank world
+        (["engine.tensor_parallel_size=2", "train.placement=separate"], "cpu", "shm"),
+        (["train.zero_stage=2"], "cuda", "ipc"),
+    ],
+)
+def test_the_replica_runs_in_the_learners_process_where_it_can(overrides, device, backend):
+    plan = make_plan(load_config("demo", overrides), "/m", device, "arith")
+    assert plan.sync_backend == plan.engine.weight_sync == backend
+    assert (
+        type(make_sync(plan.engine, rank=0, run_id="t")).__name__
+        == {
+            "local": "LocalWeightSync",
+            "shm": "ShmWeightSync",
+            "ipc": "IpcWeightSync",
+        }[backend]
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (["train.num_learners=2", "train.micro_batch_size=32"], "train.num_learners=2 vLLM's worker would take over"),
+        (["engine.tensor_parallel_size=2", "train.placement=separate"], "engine.tensor_parallel_size=2 runs"),
+    ],
+)
+def test_rollout_in_the_learner_where_it_cannot_be_is_refused_by_the_config(overrides, why):
+    with pytest.raises(
+        ConfigError, match=rf"^config key 'train.rollout_process': 'learner' is not possible here: .*{why}"
+    ):
+        load_config("demo", ["train.rollout_process=learner", *overrides])
+
+
+def test_rollout_in_the_learner_on_gpus_is_refused_by_the_plan():
+    cfg = load_config("demo", ["train.rollout_process=learner", "train.zero_stage=2"])
+    with pytest.raises(ConfigError, match=r"^config key 'train.rollout_process': 'learner' .* on GPUs"):
+        make_plan(cfg, "/m", "cuda", "arith")
 
 
 def test_make_sync_needs_a_backend():

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from apo_ray.rollout.engine import _sync_backend
 from apo_ray.rollout.weight_sync import (
     ShmWeightSync,
-    _call,
     _call_async,
     _wait,
+    call_engine,
     copy_into_views,
     iter_buckets,
     make_weight_sync,
@@ -86,8 +86,8 @@ class _Recorder:
 
 
 def test_call_plain_object():
-    """`_call` runs a plain object's method (and `.remote` + ray.get for an actor handle)."""
-    assert _call([1, 2, 3], "index", 2) == 1
+    """`call_engine` runs a plain object's method (and `.remote` + ray.get for an actor handle)."""
+    assert call_engine([1, 2, 3], "index", 2) == 1
     assert _wait(_call_async([1, 2, 3], "count", 3)) == 1
 
 
