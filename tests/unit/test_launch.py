@@ -108,6 +108,12 @@ def test_rollout_in_the_learner_on_gpus_is_refused_by_the_plan():
         make_plan(cfg, "/m", "cuda", "arith")
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_learners_and_their_replicas_run_at_niceness_0_not_rays_15(device):
+    plan = make_plan(load_config("demo", ["train.zero_stage=2"]), "/m", device, "arith")
+    assert plan.env["RAY_worker_niceness"] == "0"  # Ray's raylet starts the worker at it (its job drivers use 0)
+
+
 def test_make_sync_needs_a_backend():
     cfg = load_config("demo")
     with pytest.raises(ValueError, match="weight-sync backend"):
