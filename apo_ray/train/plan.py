@@ -16,7 +16,6 @@ from apo_ray.errors import ConfigError
 from apo_ray.launch import EngineSpec, engine_spec
 from apo_ray.runtime import resolve_dtype, worker_env
 
-
 # Ray starts workers at niceness 15 (its daemons keep priority); a learner's step is a chain of
 # short multi-threaded kernels whose barriers stall whenever any daemon preempts one thread, so the
 # learners (and a replica actor) run at 0, as Ray's own job drivers do. Raising priority back to 0
