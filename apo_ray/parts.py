@@ -10,7 +10,9 @@ median over `repeats` calls after a few warm-up calls:
 - engine (one process, no Ray): vLLM generate with and without the sampled tokens' log-probs; the
   weight load with vLLM's layer-wise ``reload_weights`` and with apo-ray's CPU path
   (`worker_ext.load_weights`: the model's own load_weights and a kernel repack); the whole push
-  (`ShmWeightSync.push`: copy into the shared mapping, load, prefix-cache reset);
+  through shared memory (`ShmWeightSync.push`: copy into the shared mapping, load, prefix-cache
+  reset: a replica actor) and in one process (`LocalWeightSync.push`: load, reset: a replica in the
+  learner's process, `train.rollout_process`);
 - learner (another process, a one-rank gloo group): HF generate of the same prompts (the floor's
   sampler); the learner's update (`Learner.train_minibatch`: DeepSpeed, A*-PO loss and stats) and
   the floor's (`Floor.update`: torch AdamW) on the same batch of HF samples, alternated.
@@ -65,7 +67,7 @@ def part_engine(cfg: Config, threads: int, repeats: int) -> dict:
 
     from apo_ray.model import resolve_model
     from apo_ray.rollout.engine import RolloutEngine
-    from apo_ray.rollout.weight_sync import ShmWeightSync
+    from apo_ray.rollout.weight_sync import LocalWeightSync, ShmWeightSync
     from apo_ray.rollout.worker_ext import load_weights
 
     model = resolve_model(cfg.model.path)
@@ -100,6 +102,7 @@ def part_engine(cfg: Config, threads: int, repeats: int) -> dict:
         res["push_s"] = timed(lambda: sync.push(named, eng), repeats)
     finally:
         sync.close()
+    res["local_push_s"] = timed(lambda: LocalWeightSync().push(named, eng), repeats)
     eng.shutdown()
     return res
 
@@ -185,10 +188,11 @@ def bench_parts(config: str, overrides: list[str], repeats: int = 30) -> dict:
         ("floor update (torch AdamW)", lr["floor_update_s"]),
         ("weight load: vLLM reload_weights", e["reload_weights_s"]),
         ("weight load: load_weights + repack", e["load_and_repack_s"]),
-        ("weight push (copy, load, reset)", e["push_s"]),
+        ("weight push via shm (copy, load, reset)", e["push_s"]),
+        ("weight push in one process (load, reset)", e["local_push_s"]),
     )
     for name, v in rows:
-        print(f"  {name:38s} {v * 1000:7.1f} ms")
+        print(f"  {name:42s} {v * 1000:7.1f} ms")
     return res
 
 
