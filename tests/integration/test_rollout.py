@@ -154,6 +154,7 @@ def test_weight_sync_cpu(engine, model_a, model_b, mode):
     before = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
     assert len(before[0].prompt_token_ids) > 128
     assert _max_seq_gap(a, before) < TOL
+    assert engine.prefix_cached  # 256 tokens: a sync must drop the cached blocks
     sync = LocalWeightSync() if mode == "local" else ShmWeightSync(rank=0, run_id="test-rollout", mode=mode)
     try:
         stats = sync.push(b.state_dict().items(), engine)

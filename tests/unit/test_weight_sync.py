@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apo_ray.rollout.engine import _sync_backend
+from apo_ray.rollout.engine import _sync_backend, prefix_cache_in_use
 from apo_ray.rollout.weight_sync import (
     ShmWeightSync,
     _call_async,
@@ -201,3 +201,9 @@ def test_backend_names():
         _sync_backend("ipc", on_cpu=True)
     with pytest.raises(ValueError):
         _sync_backend("gloo", on_cpu=False)
+
+
+def test_a_weight_sync_resets_the_prefix_cache_only_where_a_block_can_fill():
+    assert prefix_cache_in_use(True, 256, 128) and prefix_cache_in_use(True, 128, 128)
+    assert not prefix_cache_in_use(True, 40, 128)  # the demo: 32 + 8 tokens never fill a CPU block
+    assert not prefix_cache_in_use(False, 4096, 16)
