@@ -7,7 +7,8 @@ This module is the driver: it resolves the model, joins the prompts with Stage 1
 (`train.data`), derives the plan (`train.plan`) and starts a Ray Train TorchTrainer. Each
 Ray Train worker is one DeepSpeed data-parallel learner and owns one vLLM rollout replica
 (`apo_ray.launch.start_rollout_replica`: colocated on the worker's node, and on GPUs its
-device); the step itself, generate -> score -> update -> sync, is `train.recipe`.
+device; a single CPU learner builds it in its own process, `train.rollout_process`); the step
+itself, generate -> score -> update -> sync, is `train.recipe`.
 
 Outputs in train.output_dir (a local path or a bucket URI, `train.output`): config.yaml,
 metrics.jsonl, tensorboard/, ray/ (Ray Train checkpoints, see `train.checkpoint`), final/
