@@ -19,6 +19,12 @@ log = logging.getLogger("apo_ray")
 _WORKER_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray starts workers at niceness 15 (its daemons keep priority). Our actors and learners are the
+    # job's foreground work: an engine's or a learner's step is a chain of short multi-threaded
+    # kernels whose barriers stall whenever a daemon preempts one thread, and an engine's start
+    # (imports, KV cache) competes with the daemons Ray is still starting. They run at 0, as Ray's
+    # own job drivers do; going back to 0 needs no privilege (the raylet starts the worker so).
+    "RAY_worker_niceness": "0",
 }
 _PASSED_THROUGH = (
     "APO_RAY_CACHE",

@@ -27,6 +27,7 @@ CPU test suite; they are marked "GPU path" below.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -183,6 +184,11 @@ class RolloutEngine:
                 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         from vllm import LLM
 
+        # vLLM runs full garbage collections while it starts (five on CPU) and freezes its heap at
+        # the end (undone at its shutdown); each walks every object its imports made (torch,
+        # transformers, vLLM). Frozen first, that heap is skipped: ~0.6 s of an engine start here.
+        gc.collect()
+        gc.freeze()
         self.llm = LLM(**kwargs)
         self._prompt_ids: dict[str, list[int]] = {}  # prompt -> token ids (`_token_prompts`)
         cache = self.llm.llm_engine.vllm_config.cache_config

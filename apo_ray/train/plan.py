@@ -16,12 +16,6 @@ from apo_ray.errors import ConfigError
 from apo_ray.launch import EngineSpec, engine_spec
 from apo_ray.runtime import resolve_dtype, worker_env
 
-# Ray starts workers at niceness 15 (its daemons keep priority); a learner's step is a chain of
-# short multi-threaded kernels whose barriers stall whenever any daemon preempts one thread, so the
-# learners (and a replica actor) run at 0, as Ray's own job drivers do. Raising priority back to 0
-# needs no privilege: Ray's raylet starts the worker at the asked niceness.
-LEARNER_ENV = {"RAY_worker_niceness": "0"}
-
 
 @dataclass(frozen=True)
 class Stage2Plan:
@@ -97,5 +91,5 @@ def make_plan(cfg: Config, model_path: str, device: str, reward_fn: str) -> Stag
         ),
         output_dir=t.output_dir if "://" in t.output_dir else str(Path(t.output_dir).expanduser().resolve()),
         run_token=uuid.uuid4().hex,
-        env={**worker_env(cfg, device), **LEARNER_ENV},
+        env=worker_env(cfg, device),
     )

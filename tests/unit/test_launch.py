@@ -7,6 +7,7 @@ import pytest
 from apo_ray.config import load_config
 from apo_ray.errors import ConfigError
 from apo_ray.launch import check_tensor_parallel, engine_actor_options, engine_spec, make_sync
+from apo_ray.runtime import worker_env
 from apo_ray.train.plan import make_plan
 
 
@@ -109,9 +110,11 @@ def test_rollout_in_the_learner_on_gpus_is_refused_by_the_plan():
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_learners_and_their_replicas_run_at_niceness_0_not_rays_15(device):
-    plan = make_plan(load_config("demo", ["train.zero_stage=2"]), "/m", device, "arith")
+def test_engine_actors_learners_and_replicas_run_at_niceness_0_not_rays_15(device):
+    cfg = load_config("demo", ["train.zero_stage=2"])
+    plan = make_plan(cfg, "/m", device, "arith")
     assert plan.env["RAY_worker_niceness"] == "0"  # Ray's raylet starts the worker at it (its job drivers use 0)
+    assert worker_env(cfg, device)["RAY_worker_niceness"] == "0"  # Stage 1 and eval pools (`fan_out`)
 
 
 def test_make_sync_needs_a_backend():

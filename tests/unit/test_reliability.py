@@ -131,6 +131,23 @@ def test_tensor_parallel_that_does_not_divide_the_heads_is_refused(tmp_path):
         check_model(str(d), load_config("demo", ["engine.tensor_parallel_size=8", "train.placement=separate"]))
 
 
+def test_a_config_without_the_usual_fields_is_read_by_transformers(tmp_path):
+    # GPT-2 names its positions n_positions (transformers maps max_position_embeddings onto it)
+    d = _model_dir(tmp_path, model_type="gpt2", n_positions=16, n_head=2)
+    with pytest.raises(ConfigError, match=r"^config key 'sampling.max_tokens': .* 16 positions"):
+        check_model(str(d), load_config("demo"))
+
+
+def test_checking_a_plain_model_config_imports_neither_transformers_nor_torch(tmp_path):
+    d = _model_dir(tmp_path, **QWEN, max_position_embeddings=512)
+    code = (
+        "import sys; from apo_ray.config import load_config; from apo_ray.model import check_model; "
+        f"check_model({str(d)!r}, load_config('demo')); print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # a Stage 1 driver needs neither (~2.5 s of its start)
+
+
 @pytest.mark.parametrize("content", ["{}", "not json"])
 def test_unreadable_model_config_is_one_line(tmp_path, content):
     d = tmp_path / "model"
