@@ -1,6 +1,6 @@
 """Benchmarks (numbers for the README, never timed asserts).
 
-    python jobs/bench.py stage1  --config demo   # pipeline tokens/s vs a bare vllm.LLM.generate
+    python jobs/bench.py stage1  --config demo   # jobs/vstar.py vs a bare vllm.LLM.generate script, spawn to exit
     python jobs/bench.py stage2  --config demo [--algos astar_po]   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
     python jobs/bench.py compare --config demo --seeds 3 train.eval_every=32   # A*-PO vs GRPO: time to a target, mean +- s.e. over seeds
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
@@ -40,91 +40,121 @@ def _with(cfg: Config, **sections) -> Config:
 # ---------------------------------------------------------------- stage 1
 
 
+_BARE_VLLM = """
+import json, sys, time
+t0 = time.perf_counter()
+from vllm import LLM, SamplingParams
+t1 = time.perf_counter()
+job = json.load(open(sys.argv[1]))
+llm = LLM(**job["engine"])
+t2 = time.perf_counter()
+params = [SamplingParams(**job["sampling"], seed=job["seed"] + i) for i in range(len(job["prompts"]))]
+outs = llm.generate(job["prompts"], params, use_tqdm=False)
+t3 = time.perf_counter()
+tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+print("BARE " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "generate_s": t3 - t2, "tokens": tokens}))
+"""
+
+
+def _timed_process(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str]:
+    """Run `cmd` to its end; (seconds from spawn to exit, its stdout). Its output also goes to log_path."""
+    import os
+    import subprocess
+
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    log_path.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {done.returncode}); its output: {log_path}")
+    return seconds, done.stdout
+
+
 def bench_stage1(cfg: Config) -> dict:
-    """Generated tokens/s of the Stage 1 pipeline vs vllm.LLM.generate on the same prompts and params."""
+    """Stage 1 against a bare vllm.LLM.generate of the same prompts and params, each as a whole process.
+
+    Each side is a command a user would run, timed from spawn to exit: `python jobs/vstar.py` (its
+    own embedded Ray, Ray Data, the sampler actor, parquet, Ray's shutdown) and a script that only
+    imports vLLM, starts one engine (in-process, eager, as the pipeline's) and generates everything
+    in one call. Run before this process starts a Ray of its own, so that nothing else runs.
+    """
+    import json
     import os
 
-    from apo_ray import vstar
+    from apo_ray.config import to_yaml
     from apo_ray.data import load_prompts
     from apo_ray.model import resolve_model
     from apo_ray.runtime import resolve_dtype
-
-    model = resolve_model(cfg.model.path)
-    cfg = _with(cfg, vstar={"output_dir": str(OUT / "stage1_vstar"), "overwrite": True})
-    manifest = vstar.run(cfg)
-    pipe_tokens = manifest["counts"]["generated_tokens"]
-
-    # The bare engine, in this process, after the pipeline's actors are gone. A fresh process pays
-    # vLLM's import too (the pipeline's actor does): timed apart, when this process has not paid it yet.
-    import sys
-
-    t = time.time()
-    imported = "vllm" in sys.modules
-    from vllm import LLM, SamplingParams
-
-    import_s = None if imported else time.time() - t
-
-    from apo_ray.rollout.engine import single_process_cpu_kwargs
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.engine.cpu_kvcache_gib))
-    prompts = [r["prompt"] for r in load_prompts(cfg.data, "train").rows]
-    s = cfg.sampling
-    t = time.time()
-    llm = LLM(
-        model=model,
-        dtype=resolve_dtype(cfg.model.dtype, "cpu"),
-        max_model_len=s.max_prompt_tokens + s.max_tokens,
-        seed=s.seed,
-        max_num_seqs=cfg.engine.max_num_seqs,
-        enforce_eager=cfg.engine.enforce_eager,  # as the pipeline's engines (RolloutEngine)
-        **single_process_cpu_kwargs(),
-    )
-    load_s = time.time() - t
-    params = [
-        SamplingParams(
-            n=cfg.vstar.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed + i
-        )
-        for i in range(len(prompts))
-    ]
-    t = time.time()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    gen_s = time.time() - t
-    bare_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    # Steady state: the time actors spent on shards (generate + score + V* + parquet write),
-    # from each shard's stats sidecar; the end-to-end figure adds actor start-up and Ray Data.
     from apo_ray.storage import fs_read_json, get_fs
     from apo_ray.vstar.pipeline import stats_name
 
+    model = resolve_model(cfg.model.path)  # built now if missing, untimed
+    cfg = _with(cfg, vstar={"output_dir": str((OUT / "stage1_vstar").resolve()), "overwrite": True})
+    OUT.mkdir(parents=True, exist_ok=True)
+    cfg_path = (OUT / "stage1_config.yaml").resolve()
+    cfg_path.write_text(to_yaml(cfg))
+    jobs_vstar = Path(__file__).resolve().parents[1] / "jobs" / "vstar.py"
+    pipe_s, _ = _timed_process(
+        [sys.executable, str(jobs_vstar), "--config", str(cfg_path)], {}, OUT / "stage1_pipeline.log"
+    )
     fs, root = get_fs(cfg.vstar.output_dir)
+    manifest = fs_read_json(fs, f"{root}/manifest.json")
+    pipe_tokens = manifest["counts"]["generated_tokens"]
+    # Steady state: the time actors spent on shards (generate + score + V* + parquet write), from
+    # each shard's stats sidecar.
     shard_s = sum(fs_read_json(fs, f"{root}/{stats_name(i)}")["seconds"] for i in range(len(manifest["shards"])))
+
+    s = cfg.sampling
+    job = {
+        "engine": {
+            "model": model,
+            "dtype": resolve_dtype(cfg.model.dtype, "cpu"),
+            "max_model_len": s.max_prompt_tokens + s.max_tokens,
+            "seed": s.seed,
+            "max_num_seqs": cfg.engine.max_num_seqs,
+            "enforce_eager": cfg.engine.enforce_eager,  # as the pipeline's engines (RolloutEngine)
+            "distributed_executor_backend": "uni",  # one process, as ours (`single_process_cpu_kwargs`)
+        },
+        "sampling": {
+            "n": cfg.vstar.num_samples,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+        },
+        "seed": s.seed,
+        "prompts": [r["prompt"] for r in load_prompts(cfg.data, "train").rows],
+    }
+    job_path = OUT / "stage1_bare_job.json"
+    job_path.write_text(json.dumps(job))
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.cpu_kvcache_gib), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    bare_s, out = _timed_process([sys.executable, "-c", _BARE_VLLM, str(job_path)], env, OUT / "stage1_bare.log")
+    bare = json.loads(next(x for x in out.splitlines() if x.startswith("BARE "))[5:])
+    os.remove(job_path)
+
+    pipe_tps, bare_tps = pipe_tokens / pipe_s, bare["tokens"] / bare_s
     res = {
-        "prompts": len(prompts),
+        "prompts": len(job["prompts"]),
         "num_samples": cfg.vstar.num_samples,
-        "bare_generate_s": gen_s,
-        "bare_load_s": load_s,
-        "bare_tokens_per_s": bare_tokens / gen_s,
-        "pipeline_wall_s": manifest["wall_time_s"],
+        "bare_process_s": bare_s,
+        "bare_import_s": bare["import_s"],
+        "bare_load_s": bare["load_s"],
+        "bare_generate_s": bare["generate_s"],
+        "bare_tokens": bare["tokens"],
+        "pipeline_process_s": pipe_s,
+        "pipeline_wall_s": manifest["wall_time_s"],  # the job's own clock: its checks to its manifest
         "pipeline_in_actor_shard_s": shard_s,
-        "pipeline_tokens_per_s_end_to_end": pipe_tokens / manifest["wall_time_s"],
-        "pipeline_tokens_per_s_in_actor": pipe_tokens / shard_s,
-        "bare_import_s": import_s,
-        "ratio_end_to_end_incl_startup": (pipe_tokens / manifest["wall_time_s"]) / (bare_tokens / (gen_s + load_s)),
-        "ratio_end_to_end_incl_startup_and_import": (
-            (pipe_tokens / manifest["wall_time_s"]) / (bare_tokens / (gen_s + load_s + import_s)) if import_s else None
-        ),
-        "ratio_in_actor_steady_state": (pipe_tokens / shard_s) / (bare_tokens / gen_s),
+        "pipeline_tokens": pipe_tokens,
+        "ratio_processes": pipe_tps / bare_tps,
+        "ratio_in_actor_steady_state": (pipe_tokens / shard_s) / (bare["tokens"] / bare["generate_s"]),
     }
     print(
-        f"Stage 1 throughput ({len(prompts)} prompts x N={cfg.vstar.num_samples}):\n"
-        f"  bare vllm.LLM.generate          {res['bare_tokens_per_s']:8.0f} tokens/s (load {load_s:.1f} s excluded)\n"
-        f"  pipeline, in the actors (steady) {res['pipeline_tokens_per_s_in_actor']:8.0f} tokens/s "
-        f"(ratio {res['ratio_in_actor_steady_state']:.2f}; generate+score+V*+write per shard)\n"
-        f"  pipeline vs bare, both incl. engine start-up: ratio {res['ratio_end_to_end_incl_startup']:.2f}"
-        + (
-            f" ({res['ratio_end_to_end_incl_startup_and_import']:.2f} with the bare run's vLLM import, {import_s:.1f} s)"
-            if import_s
-            else ""
-        )
+        f"Stage 1 ({res['prompts']} prompts x N={res['num_samples']}), each side a whole process, spawn to exit:\n"
+        f"  python jobs/vstar.py            {pipe_s:6.1f} s  {pipe_tps:7.0f} tokens/s "
+        f"(its own clock {manifest['wall_time_s']:.1f} s; shards {shard_s:.1f} s)\n"
+        f"  bare vllm.LLM.generate script   {bare_s:6.1f} s  {bare_tps:7.0f} tokens/s "
+        f"(import {bare['import_s']:.1f}, engine {bare['load_s']:.1f}, generate {bare['generate_s']:.1f} s)\n"
+        f"  ratio (tokens/s) {res['ratio_processes']:.2f}; in the actors vs bare generate alone "
+        f"{res['ratio_in_actor_steady_state']:.2f}"
     )
     return res
 
@@ -251,8 +281,8 @@ def bench_floor(cfg: Config, steps: int = 30) -> dict:
     from apo_ray.runtime import init_ray
 
     floor = floor_figures(cfg, steps)
+    s1 = bench_stage1(cfg)  # its own processes, before this one starts a Ray
     init_ray(cfg.resources)
-    s1 = bench_stage1(cfg)
     s2 = _stage2_run(_stage2_vstar(cfg), "astar_po", steps)
     fs, fv = floor["step"], floor["vstar_pass"]
     res = {
@@ -263,7 +293,7 @@ def bench_floor(cfg: Config, steps: int = 30) -> dict:
             # targets: <= 1.5, < 0.05, >= 0.8, <= 2
             "stage2_step_over_floor_step": s2["step_s"] / fs["step_s"],
             "stage2_sync_share_of_step": s2["sync_s"] / s2["step_s"],
-            "stage1_over_bare_vllm_incl_start": s1["ratio_end_to_end_incl_startup"],
+            "stage1_over_bare_vllm_processes": s1["ratio_processes"],
             "stage1_wall_over_floor_vstar_pass": s1["pipeline_wall_s"] / floor["vstar_pass_incl_start_s"],
             "stage2_generate_over_floor_generate": s2["generate_s"] / fs["generate_s"],
             "stage2_train_over_floor_update": s2["train_s"] / fs["update_s"],
@@ -290,12 +320,9 @@ def bench_floor(cfg: Config, steps: int = 30) -> dict:
     for name, a, b, q, target in rows:
         print(f"  {name:28s} {a:8.3f} {b:8.3f} {q:6.2f}  {target}")
     print(
-        f"  Stage 1 vs bare vllm.LLM.generate, both paying their start: {r['stage1_over_bare_vllm_incl_start']:.2f} (>= 0.8)"
+        "  Stage 1 vs a bare vllm.LLM.generate script, tokens/s, both whole processes: "
+        f"{r['stage1_over_bare_vllm_processes']:.2f} (>= 0.8)"
     )
-    if s1["ratio_end_to_end_incl_startup_and_import"]:
-        print(
-            f"  ... with the bare run's vLLM import counted too: {s1['ratio_end_to_end_incl_startup_and_import']:.2f}"
-        )
     return res
 
 
@@ -444,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.runtime import init_ray, versions
 
     t = time.time()
-    if args.which not in ("load", "floor", "sweep", "parts", "warmstart"):  # load: a Ray per scale; floor, sweep: later
+    # load, stage1: a Ray per process they start; floor, sweep: later
+    if args.which not in ("load", "stage1", "floor", "sweep", "parts", "warmstart"):
         init_ray(cfg.resources)
     if args.which == "warmstart":
         res = bench_warmstart()
