@@ -19,8 +19,9 @@ into parameter torch.Size([0])"). vLLM's ``reload_weights`` (layer-wise, in plac
 checkpoint layout, loads, re-runs the post-load processing and copies the result back into the
 original storage, so CUDA graphs and the KV cache stay valid; but on a small model it costs ~10x
 the copy. On vLLM-CPU the first sync therefore gives the GEMM layers their plain weights back
-(`keep_cpu_gemm_weights`) and every sync is then the model's ``load_weights`` and a repack of each
-GEMM kernel; elsewhere it is ``reload_weights``. Both need every weight: send the full state dict.
+(`keep_cpu_gemm_weights`) and every sync is then the model's ``load_weights`` (replayed as the
+plain copies it made the first time: `CopyPlan`) and a repack of each GEMM kernel; elsewhere it is
+``reload_weights``. Both need every weight: send the full state dict.
 
 vLLM's worker already has ``update_weights`` / ``start_weight_update`` /
 ``finish_weight_update`` / ``init_weight_transfer_engine`` (its native weight-transfer
@@ -134,10 +135,19 @@ _RELOAD_LOGGERS = (
 _RESET_LOGGER = "vllm.v1.core.block_pool"
 
 
+_QUIETED = False
+
+
 def _quiet_reload_logs() -> None:
+    """Once per process: each `setLevel` clears every logger's level cache (~0.4 ms a call with
+    vLLM's loggers, measured), which at one sync per step is a cost worth not paying again."""
+    global _QUIETED
+    if _QUIETED:
+        return
     for name in _RELOAD_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger(_RESET_LOGGER).setLevel(logging.WARNING)
+    _QUIETED = True
 
 
 class WeightSyncExtension:
@@ -195,11 +205,12 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load a full HF state dict into the worker's model, in place.
 
     On vLLM-CPU (unquantized, no LoRA) the GEMM layers keep their plain weights (`keep_cpu_gemm_weights`,
-    at the first load): a load is the model's own ``load_weights`` into them, then each GEMM's kernel
-    is rebuilt from its weight (`repack_cpu_gemms`), ~2 ms instead of ~8.5 ms for ``reload_weights``
-    on the demo model (measured), whose layer-wise machinery restores each layer's checkpoint layout,
-    loads, re-processes and copies back. Elsewhere (GPUs, quantized models, a layer whose weight
-    cannot be rebuilt), ``reload_weights``.
+    at the first load): the first load is the model's own ``load_weights`` into them, recorded; later
+    ones replay its copies (`CopyPlan`); then each GEMM's kernel is rebuilt from its weight
+    (`repack_cpu_gemms`). On the demo model: ~2.5 ms a load, against ~8.5 ms for ``reload_weights``
+    (measured), whose layer-wise machinery restores each layer's checkpoint layout, loads,
+    re-processes and copies back. Elsewhere (GPUs, quantized models, a layer whose weight cannot be
+    rebuilt), ``reload_weights``.
 
     Raises:
         RuntimeError: the CPU path was not given every weight of the model (named).
@@ -216,15 +227,161 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     if gemms is False:
         worker.reload_weights(weights_iterator=weights)  # model_runner.reload_weights in set_current_vllm_config()
         return
+    named = list(weights)
+    plan = getattr(model, "_apo_copy_plan", None)
+    if plan and plan.matches(named):
+        plan.apply(named)
+        repack_cpu_gemms(gemms)
+        return
     with set_current_vllm_config(worker.vllm_config):
-        loaded = model.load_weights(weights)
+        if plan is None:  # the first load: learn what it does (None if it cannot be replayed)
+            loaded, new = CopyPlan.record(model, named)
+        else:  # no plan, or other names or layouts than its own: the model's loader (a plan is kept)
+            loaded, new = model.load_weights(iter(named)), None
         names = getattr(model, "_apo_param_names", None)
         if names is None:
             model._apo_param_names = names = frozenset(name for name, _ in model.named_parameters())
         missing = sorted(names - set(loaded or ()))
         if missing:
             raise RuntimeError(f"weight sync sent no tensor for {len(missing)} of the model's weights: {missing[:5]}")
+        if plan is None:
+            model._apo_copy_plan = new if new is not None and new.verify(model, named) else False
         repack_cpu_gemms(gemms)
+
+
+class CopyPlan:
+    """What the model's own ``load_weights`` does with a full state dict, to do again without it.
+
+    vLLM's loader maps each HF name onto its fused layers (q/k/v into ``qkv_proj``, gate/up into
+    ``gate_up_proj``), pads the vocabulary, and in the end copies each tensor into a slice of a
+    parameter: in a small model the Python around those copies costs ~10x the copies (1.0 ms
+    against ~0.1 on the demo model, measured). The first load runs the loader under a recorder that
+    keeps each ``copy_`` (destination: a view of a parameter; source: a view of one of the given
+    tensors) and ``fill_`` / ``zero_`` (e.g. the vocabulary's padding rows); later loads of the same
+    names, dtypes, shapes and strides replay just those, in order.
+
+    Nothing is assumed about the loader: a source that is not a view of a given tensor, a
+    destination outside the parameters, or any other in-place write makes the plan void, and a
+    plan is kept only once `verify` has shown, on the first load's own tensors, that replaying it
+    writes every parameter bit for bit as the loader does. Otherwise every load stays the loader's.
+    """
+
+    def __init__(self, layout: list[tuple[str, object, tuple, tuple]], steps: list[tuple]):
+        self.layout = layout  # (name, dtype, shape, stride) of each given tensor, in order
+        self.steps = steps  # ("copy", dst, name, offset, size, stride) | ("fill", dst, value)
+
+    @classmethod
+    def record(cls, model, named: list) -> tuple[object, CopyPlan | None]:
+        """Run ``model.load_weights(named)`` under the recorder; returns (what it returned, the plan or None)."""
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        ops: list[tuple] = []
+        void = []
+
+        class Recorder(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name == "copy_":
+                    ops.append(("copy", args[0], args[1]))
+                elif name in ("fill_", "zero_"):
+                    ops.append(("fill", args[0], args[1] if name == "fill_" else 0))
+                elif name == "__setitem__" or (
+                    name.endswith("_") and not name.endswith("__") and name != "requires_grad_"
+                ):  # another in-place write: not replayed, so no plan
+                    void.append(name)
+                return func(*args, **(kwargs or {}))
+
+        with Recorder():
+            loaded = model.load_weights(iter(named))
+        if void:
+            return loaded, None
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n, t) for n, t in named]
+        steps: list[tuple] = []
+        for op in ops:
+            dst = op[1]
+            if not isinstance(dst, torch.Tensor) or dst.untyped_storage().data_ptr() not in params:
+                return loaded, None
+            if op[0] == "fill":
+                value = op[2]
+                if isinstance(value, torch.Tensor):
+                    if value.numel() != 1:
+                        return loaded, None
+                    value = value.item()
+                steps.append(("fill", dst, value))
+                continue
+            src = op[2]
+            if not isinstance(src, torch.Tensor):
+                return loaded, None
+            if src.numel() == 0:
+                continue
+            home = next((s for s in spans if s[0] <= src.data_ptr() < s[1] and s[3].dtype == src.dtype), None)
+            if home is None or (src.data_ptr() - home[0]) % src.element_size():
+                return loaded, None
+            offset = (src.data_ptr() - home[0]) // src.element_size()
+            steps.append(("copy", dst, home[2], offset, tuple(src.shape), tuple(src.stride())))
+        layout = [(n, t.dtype, tuple(t.shape), tuple(t.stride())) for n, t in named]
+        return loaded, cls(layout, steps)
+
+    def matches(self, named: list) -> bool:
+        """Whether `named` has the recorded names, dtypes, shapes and strides, in order, on the CPU."""
+        return len(named) == len(self.layout) and all(
+            n == m[0]
+            and t.dtype == m[1]
+            and tuple(t.shape) == m[2]
+            and tuple(t.stride()) == m[3]
+            and t.device.type == "cpu"
+            for (n, t), m in zip(named, self.layout)
+        )
+
+    def apply(self, named: list) -> None:
+        """The recorded writes, from `named`'s tensors (which `matches`)."""
+        src = dict(named)
+        for step in self.steps:
+            if step[0] == "copy":
+                _, dst, name, offset, size, stride = step
+                t = src[name]
+                dst.copy_(t.as_strided(size, stride, t.storage_offset() + offset))
+            else:
+                step[1].fill_(step[2])
+
+    def verify(self, model, named: list) -> bool:
+        """Whether replaying the plan writes every parameter as the loader does, bit for bit: both
+        start from parameters filled with NaN (so a value either one leaves unwritten shows), from the
+        same tensors. The parameters end as the loader left them before (`named` loaded)."""
+        import torch
+
+        params = [p for p in model.parameters() if p.numel()]
+        if any(not p.is_floating_point() for p in params):
+            return False
+        before = [p.detach().clone() for p in params]
+        try:
+
+            def written(load) -> list:
+                for p in params:
+                    p.detach().fill_(float("nan"))
+                load()
+                return [p.detach().clone() for p in params]
+
+            by_loader = written(lambda: model.load_weights(iter(named)))
+            by_plan = written(lambda: self.apply(named))
+            return all(_same_bits(a, b) for a, b in zip(by_loader, by_plan))
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.detach().copy_(b)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN equals NaN of the same bits)."""
+    import torch
+
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    )
 
 
 def keep_cpu_gemm_weights(model: torch.nn.Module) -> list | bool:

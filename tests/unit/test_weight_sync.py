@@ -207,3 +207,101 @@ def test_a_weight_sync_resets_the_prefix_cache_only_where_a_block_can_fill():
     assert prefix_cache_in_use(True, 256, 128) and prefix_cache_in_use(True, 128, 128)
     assert not prefix_cache_in_use(True, 40, 128)  # the demo: 32 + 8 tokens never fill a CPU block
     assert not prefix_cache_in_use(False, 4096, 16)
+
+
+class _Fused(torch.nn.Module):
+    """A toy of vLLM's loading: q and k into one fused weight, a padded vocabulary, a norm.
+
+    `how` picks the loader's way of writing the norm: "copy" (replayable), "scaled" (an in-place
+    multiply: not replayable), "converted" (copies a converted temporary: no source in the given
+    tensors), "assigned" (rebinds ``.data``: the recorder sees no write at all).
+    """
+
+    def __init__(self, how: str = "copy"):
+        super().__init__()
+        self.qk = torch.nn.Parameter(torch.zeros(6, 4), requires_grad=False)
+        self.emb = torch.nn.Parameter(torch.zeros(8, 4), requires_grad=False)  # 5 rows + 3 padding
+        self.norm = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+        self.how = how
+
+    def load_weights(self, weights):
+        loaded = set()
+        for name, w in weights:
+            if name in ("q", "k"):
+                self.qk.data.narrow(0, 0 if name == "q" else 4, w.shape[0]).copy_(w)
+                loaded.add("qk")
+            elif name == "emb":
+                self.emb[: w.shape[0]].data.copy_(w)
+                self.emb[w.shape[0] :].data.fill_(0)
+                loaded.add("emb")
+            elif self.how == "copy":
+                self.norm.data.copy_(w.t() if w.ndim == 2 else w)
+            elif self.how == "scaled":
+                self.norm.data.copy_(w)
+                self.norm.data.mul_(2.0)
+            elif self.how == "converted":
+                self.norm.data.copy_(w.to(torch.float64))
+            else:
+                self.norm.data = w.clone()
+            loaded.add("norm")
+        return loaded
+
+
+def _state(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [("q", torch.randn(4, 4, generator=g)), ("k", torch.randn(2, 4, generator=g)),
+            ("emb", torch.randn(5, 4, generator=g)), ("norm", torch.randn(4, generator=g))]  # fmt: skip
+
+
+def test_copy_plan_replays_the_loaders_writes_bit_for_bit():
+    """The recorded copies (from views of the given tensors, into slices of parameters) and fills,
+    replayed from other tensors of the same layout, leave what the loader itself would."""
+    from apo_ray.rollout.worker_ext import CopyPlan
+
+    model, ref = _Fused(), _Fused()
+    first = _state(0)
+    loaded, plan = CopyPlan.record(model, first)
+    assert loaded == {"qk", "emb", "norm"} and plan is not None
+    assert [s[0] for s in plan.steps] == ["copy", "copy", "copy", "fill", "copy"]
+    assert plan.verify(model, first)
+    ref.load_weights(iter(first))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))  # verify restores
+
+    model.emb.data[5:] = 7.0  # the padding rows: the plan's fill rewrites them
+    second = _state(1)
+    assert plan.matches(second)
+    plan.apply(second)
+    ref.load_weights(iter(second))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+    # a source read through a view (a slice of a bigger tensor, transposed): same layout, replayed
+    big = torch.randn(3, 4)
+    views = [*_state(2)[:3], ("norm", big[1])]
+    assert plan.matches(views)
+    plan.apply(views)
+    assert torch.equal(model.norm, big[1])
+    # another layout, dtype or name set: not this plan's
+    assert not plan.matches(_state(3)[:3])
+    assert not plan.matches([*_state(3)[:3], ("norm", torch.randn(4, dtype=torch.float64))])
+    assert not plan.matches([*_state(3)[:3], ("other", torch.randn(4))])
+    assert not plan.matches([*_state(3)[:3], ("norm", torch.randn(8)[::2])])
+
+
+@pytest.mark.parametrize("how", ["scaled", "converted"])
+def test_copy_plan_is_void_for_writes_it_cannot_replay(how):
+    from apo_ray.rollout.worker_ext import CopyPlan
+
+    loaded, plan = CopyPlan.record(_Fused(how), _state(0))
+    assert loaded == {"qk", "emb", "norm"} and plan is None
+
+
+def test_copy_plan_that_misses_a_write_fails_verification():
+    """A loader that rebinds a parameter's data writes nothing the recorder sees; the replay then
+    leaves that parameter unwritten, which `verify` catches (NaN against the loaded values)."""
+    from apo_ray.rollout.worker_ext import CopyPlan
+
+    model = _Fused("assigned")
+    first = _state(0)
+    _, plan = CopyPlan.record(model, first)
+    assert plan is not None and not plan.verify(model, first)
+    assert torch.equal(model.norm, first[3][1])  # left as the loader left it
