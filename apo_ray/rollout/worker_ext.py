@@ -212,6 +212,9 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     re-processes and copies back. Elsewhere (GPUs, quantized models, a layer whose weight cannot be
     rebuilt), ``reload_weights``.
 
+    The CPU path holds every given tensor at once (to check it against the plan): views of the shared
+    mapping or the learner's own tensors, no copy; a copy of each only when read from a file.
+
     Raises:
         RuntimeError: the CPU path was not given every weight of the model (named).
     """
@@ -349,7 +352,8 @@ class CopyPlan:
     def verify(self, model, named: list) -> bool:
         """Whether replaying the plan writes every parameter as the loader does, bit for bit: both
         start from parameters filled with NaN (so a value either one leaves unwritten shows), from the
-        same tensors. The parameters end as the loader left them before (`named` loaded)."""
+        same tensors. The parameters end as the loader left them before (`named` loaded). Holds two
+        copies of the parameters meanwhile, once per engine (the first load)."""
         import torch
 
         params = [p for p in model.parameters() if p.numel()]
@@ -358,15 +362,15 @@ class CopyPlan:
         before = [p.detach().clone() for p in params]
         try:
 
-            def written(load) -> list:
+            def load_from_nan(load) -> None:
                 for p in params:
                     p.detach().fill_(float("nan"))
                 load()
-                return [p.detach().clone() for p in params]
 
-            by_loader = written(lambda: model.load_weights(iter(named)))
-            by_plan = written(lambda: self.apply(named))
-            return all(_same_bits(a, b) for a, b in zip(by_loader, by_plan))
+            load_from_nan(lambda: model.load_weights(iter(named)))
+            by_loader = [p.detach().clone() for p in params]
+            load_from_nan(lambda: self.apply(named))
+            return all(_same_bits(a, p.detach()) for a, p in zip(by_loader, params))
         finally:
             with torch.no_grad():
                 for p, b in zip(params, before):
