@@ -263,15 +263,18 @@ class CopyPlan:
     tensors) and ``fill_`` / ``zero_`` (e.g. the vocabulary's padding rows); later loads of the same
     names, dtypes, shapes and strides replay just those, in order.
 
-    Nothing is assumed about the loader: a source that is not a view of a given tensor, a
-    destination outside the parameters, or any other in-place write makes the plan void, and a
-    plan is kept only once `verify` has shown, on the first load's own tensors, that replaying it
-    writes every parameter bit for bit as the loader does. Otherwise every load stays the loader's.
+    Nothing is assumed about the loader: a source that is not a view lying inside one given tensor,
+    a destination outside the parameters, a fill with a value read from a tensor, or any other
+    in-place write makes the plan void, and a plan is kept only once `verify` has shown, on the first
+    load's own tensors, that replaying it writes every parameter bit for bit as the loader does.
+    Otherwise every load stays the loader's. A parameter rebound to new storage afterwards (vLLM's
+    post-load processing can do that) makes later loads the loader's again.
     """
 
-    def __init__(self, layout: list[tuple[str, object, tuple, tuple]], steps: list[tuple]):
+    def __init__(self, layout: list[tuple[str, object, tuple, tuple]], steps: list[tuple], owners: list[tuple]):
         self.layout = layout  # (name, dtype, shape, stride) of each given tensor, in order
         self.steps = steps  # ("copy", dst, name, offset, size, stride) | ("fill", dst, value)
+        self.owners = owners  # (parameter, its data_ptr) of every destination: the views must stay its own
 
     @classmethod
     def record(cls, model, named: list) -> tuple[object, CopyPlan | None]:
@@ -299,36 +302,41 @@ class CopyPlan:
             loaded = model.load_weights(iter(named))
         if void:
             return loaded, None
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        params = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
         spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n, t) for n, t in named]
         steps: list[tuple] = []
+        owners: dict[int, tuple] = {}
         for op in ops:
             dst = op[1]
-            if not isinstance(dst, torch.Tensor) or dst.untyped_storage().data_ptr() not in params:
+            owner = params.get(dst.untyped_storage().data_ptr()) if isinstance(dst, torch.Tensor) else None
+            if owner is None:
                 return loaded, None
+            owners[id(owner)] = (owner, owner.data_ptr())
             if op[0] == "fill":
-                value = op[2]
-                if isinstance(value, torch.Tensor):
-                    if value.numel() != 1:
-                        return loaded, None
-                    value = value.item()
-                steps.append(("fill", dst, value))
+                if not isinstance(op[2], (int, float, bool)):  # a value read from a tensor may change
+                    return loaded, None
+                steps.append(("fill", dst, op[2]))
                 continue
             src = op[2]
             if not isinstance(src, torch.Tensor):
                 return loaded, None
             if src.numel() == 0:
                 continue
-            home = next((s for s in spans if s[0] <= src.data_ptr() < s[1] and s[3].dtype == src.dtype), None)
-            if home is None or (src.data_ptr() - home[0]) % src.element_size():
+            start = src.data_ptr()
+            end = start + (sum((n - 1) * st for n, st in zip(src.shape, src.stride())) + 1) * src.element_size()
+            home = next((s for s in spans if s[0] <= start and end <= s[1] and s[3].dtype == src.dtype), None)
+            if home is None or (start - home[0]) % src.element_size() or min(src.stride(), default=1) < 0:
                 return loaded, None
-            offset = (src.data_ptr() - home[0]) // src.element_size()
+            offset = (start - home[0]) // src.element_size()
             steps.append(("copy", dst, home[2], offset, tuple(src.shape), tuple(src.stride())))
         layout = [(n, t.dtype, tuple(t.shape), tuple(t.stride())) for n, t in named]
-        return loaded, cls(layout, steps)
+        return loaded, cls(layout, steps, list(owners.values()))
 
     def matches(self, named: list) -> bool:
-        """Whether `named` has the recorded names, dtypes, shapes and strides, in order, on the CPU."""
+        """Whether `named` has the recorded names, dtypes, shapes and strides, in order, on the CPU, and
+        every parameter written still has the storage the plan writes into (nothing rebound it)."""
+        if any(p.data_ptr() != ptr for p, ptr in self.owners):
+            return False
         return len(named) == len(self.layout) and all(
             n == m[0]
             and t.dtype == m[1]

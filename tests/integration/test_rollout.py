@@ -166,18 +166,25 @@ def test_weight_sync_cpu(engine, model_a, model_b, mode):
         after = engine.generate(LONG_PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)
         assert _max_seq_gap(b, after) < TOL
         assert _max_seq_gap(a, after) > 100 * TOL
-        # a perturbed A (one matrix scaled) is followed too
+        # a perturbed A (one matrix scaled) is followed too, by the replayed load (`CopyPlan`): vLLM's
+        # own loader is not called for it
         sd = {k: v.clone() for k, v in a.state_dict().items()}
         sd["model.layers.1.mlp.down_proj.weight"] *= 3.0
         a.load_state_dict(sd)
-        sync.push(sd.items(), engine)
+        vllm_model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+        loader_calls = []
+        vllm_model.load_weights = lambda weights, _own=vllm_model.load_weights: loader_calls.append(1) or _own(weights)
+        try:
+            sync.push(sd.items(), engine)
+        finally:
+            del vllm_model.load_weights  # the class's own again
+        assert loader_calls == []
         assert _max_seq_gap(a, engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
         with pytest.raises(RuntimeError, match="yielded no tensors"):
             sync.push(iter(()), engine)
         # vLLM-CPU: the GEMM layers keep plain weights, loaded by the model's own load_weights the
         # first time and then by replaying the copies it made (`CopyPlan`, verified bit for bit); a
         # load must get every weight (a missing one is named, never left stale or uninitialised)
-        vllm_model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
         assert vllm_model._apo_cpu_gemms
         assert type(vllm_model._apo_copy_plan).__name__ == "CopyPlan"
         with pytest.raises(RuntimeError, match=r"no tensor for 1 of the model's weights: \['model.norm.weight'\]"):

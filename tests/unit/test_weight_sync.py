@@ -212,7 +212,9 @@ def test_a_weight_sync_resets_the_prefix_cache_only_where_a_block_can_fill():
 class _Fused(torch.nn.Module):
     """A toy of vLLM's loading: q and k into one fused weight, a padded vocabulary, a norm.
 
-    `how` picks the loader's way of writing the norm: "copy" (replayable), "scaled" (an in-place
+    `how` picks the loader's way of writing the norm: "copy" and "sliced" (from a view at an offset
+    into a wider given tensor: replayable), "filled_from_tensor" (a value read from a tensor: may
+    change from load to load, not replayable), "scaled" (an in-place
     multiply: not replayable), "converted" (copies a converted temporary: no source in the given
     tensors), "assigned" (rebinds ``.data``: the recorder sees no write at all).
     """
@@ -235,7 +237,11 @@ class _Fused(torch.nn.Module):
                 self.emb[w.shape[0] :].data.fill_(0)
                 loaded.add("emb")
             elif self.how == "copy":
-                self.norm.data.copy_(w.t() if w.ndim == 2 else w)
+                self.norm.data.copy_(w)
+            elif self.how == "sliced":  # the norm is the middle of a wider tensor, read transposed
+                self.norm.data.copy_(w.t()[1, 2:6])
+            elif self.how == "filled_from_tensor":
+                self.norm.data.fill_(w[0])
             elif self.how == "scaled":
                 self.norm.data.copy_(w)
                 self.norm.data.mul_(2.0)
@@ -274,7 +280,7 @@ def test_copy_plan_replays_the_loaders_writes_bit_for_bit():
     ref.load_weights(iter(second))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
 
-    # a source read through a view (a slice of a bigger tensor, transposed): same layout, replayed
+    # a source that is a row of a bigger tensor (a view with an offset): same layout, replayed
     big = torch.randn(3, 4)
     views = [*_state(2)[:3], ("norm", big[1])]
     assert plan.matches(views)
@@ -287,7 +293,31 @@ def test_copy_plan_replays_the_loaders_writes_bit_for_bit():
     assert not plan.matches([*_state(3)[:3], ("norm", torch.randn(8)[::2])])
 
 
-@pytest.mark.parametrize("how", ["scaled", "converted"])
+def test_copy_plan_replays_a_source_at_an_offset_and_refuses_rebound_parameters():
+    """A source inside a wider given tensor (transposed, at a non-zero offset) is replayed from the
+    same place of the next tensor; a parameter rebound to new storage after the plan was made (as
+    vLLM's post-load processing can do) sends later loads back to the loader."""
+    from apo_ray.rollout.worker_ext import CopyPlan
+
+    model, ref = _Fused("sliced"), _Fused("sliced")
+
+    def state(seed: int) -> list:
+        return [*_state(seed)[:3], ("norm", torch.randn(8, 2, generator=torch.Generator().manual_seed(seed)))]
+
+    first = state(0)
+    _, plan = CopyPlan.record(model, first)
+    assert plan is not None and plan.verify(model, first)
+    assert [s[3] for s in plan.steps if s[0] == "copy" and s[2] == "norm"] == [1 + 2 * 2]  # row 1, columns 2..5
+    second = state(1)
+    plan.apply(second)
+    ref.load_weights(iter(second))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert plan.matches(second)
+    model.norm.data = torch.zeros(4)
+    assert not plan.matches(second)
+
+
+@pytest.mark.parametrize("how", ["scaled", "converted", "filled_from_tensor"])
 def test_copy_plan_is_void_for_writes_it_cannot_replay(how):
     from apo_ray.rollout.worker_ext import CopyPlan
 
