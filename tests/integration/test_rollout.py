@@ -88,6 +88,36 @@ def test_generate_n_completions(engine, model_a):
     assert engine.generate(PROMPTS[:2], n=2, max_tokens=4)[0].completions[0].logprobs == []
 
 
+def test_logprob_entries_carry_no_token_text(engine):
+    """The engine leaves out each log-prob entry's token text (`skip_logprob_token_text`): the same
+    texts, token ids and log-probs as vLLM's own front end, which decodes it."""
+    from vllm import SamplingParams
+
+    def run() -> list:
+        params = [
+            SamplingParams(n=2, max_tokens=8, seed=5 + 2 * i, logprobs=0, flat_logprobs=True)
+            for i in range(len(PROMPTS))
+        ]
+        outs = engine.llm.generate(PROMPTS, params, use_tqdm=False)
+        return [
+            (c.text, list(c.token_ids), list(c.logprobs.logprobs), list(c.logprobs.decoded_tokens))
+            for o in outs
+            for c in sorted(o.outputs, key=lambda c: c.index)
+        ]
+
+    assert engine.logprob_text_skipped
+    proc = engine.llm.llm_engine.output_processor
+    ours, skip = run(), proc.add_request
+    proc.add_request = skip.__wrapped__  # vLLM's own
+    try:
+        theirs = run()
+    finally:
+        proc.add_request = skip
+    assert [c[:3] for c in ours] == [c[:3] for c in theirs]
+    assert all(t is None for c in ours for t in c[3])
+    assert all(isinstance(t, str) for c in theirs for t in c[3]) and any(c[3] for c in theirs)
+
+
 def test_prompts_go_in_as_the_token_ids_vllm_would_make(engine):
     """`generate` tokenizes each prompt once and sends vLLM the ids: the same samples as vLLM's own text path."""
     from vllm import SamplingParams
@@ -187,6 +217,15 @@ def test_weight_sync_cpu(engine, model_a, model_b, mode):
         # load must get every weight (a missing one is named, never left stale or uninitialised)
         assert vllm_model._apo_cpu_gemms
         assert type(vllm_model._apo_copy_plan).__name__ == "CopyPlan"
+        # the input embedding's kernel (unused: an untied LM head) is not rebuilt at a push, but
+        # would be at its first call, from the pushed weight
+        embed = vllm_model.model.embed_tokens
+        assert embed in vllm_model._apo_cpu_gemms and embed.cpu_linear.__name__ == "cpu_linear"
+        x = torch.randn(3, embed.weight.shape[1])
+        first, again = embed.cpu_linear(x, embed.weight, None), embed.cpu_linear(x, embed.weight, None)
+        pushed = sd["model.embed_tokens.weight"]  # vLLM's has padding rows after the vocabulary
+        assert torch.allclose(first[:, : len(pushed)], x @ pushed.T, atol=1e-5) and torch.equal(first, again)
+        assert embed.cpu_linear.__name__ == "<lambda>"  # vLLM's kernel
         with pytest.raises(RuntimeError, match=r"no tensor for 1 of the model's weights: \['model.norm.weight'\]"):
             sync.push(((k, v) for k, v in sd.items() if k != "model.norm.weight"), engine)
         if mode == "local":  # the engine copied the tensors: changing them afterwards changes nothing
