@@ -214,6 +214,34 @@ def test_astar_po_step_matches_loss_and_updates_weights(dist_group, model_dir):
     assert stats["kl"] != 0 and stats["kl"] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
 
 
+def test_zero0_clips_as_deepspeed_would(dist_group, model_dir, monkeypatch):
+    """ZeRO-0 clips the gradients itself (torch's kernels, `Learner.clips_itself`): the same steps as
+    DeepSpeed's own clipping, with clipping on (grad_clip far below the gradient norm). Adam's
+    update hardly sees a uniform scale, so the clipped gradients are read from its first moment."""
+    from apo_ray.train.learner import Learner
+
+    def first_moments(learner) -> list[torch.Tensor]:
+        opt = learner.engine.optimizer
+        return [opt.state[p]["exp_avg"].clone() for g in opt.param_groups for p in g["params"]]
+
+    batch, clip = _batch(8), 1e-3
+    ours = _learner(model_dir, 8, grad_clip=clip, micro_batch_size=4)
+    unclipped = _learner(model_dir, 8, grad_clip=0.0, micro_batch_size=4)
+    assert ours.clips_itself and ours.engine.gradient_clipping() == 0.0 and not unclipped.clips_itself
+    monkeypatch.setattr(Learner, "CLIP_IN_TORCH", False)
+    theirs = _learner(model_dir, 8, grad_clip=clip, micro_batch_size=4)
+    assert not theirs.clips_itself and theirs.engine.gradient_clipping() == clip
+    for _ in range(3):
+        a, b, c = (x.train_minibatch(batch, algo="astar_po", normalizer_seqs=8) for x in (ours, theirs, unclipped))
+        assert a["grad_norm"] > 100 * clip
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    m_ours, m_theirs, m_free = first_moments(ours), first_moments(theirs), first_moments(unclipped)
+    for x, y, z in zip(m_ours, m_theirs, m_free):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-12)
+        assert float(x.abs().max()) < 0.1 * float(z.abs().max()) or float(z.abs().max()) == 0.0
+    assert_same_adam_steps(_weights(ours), _weights(theirs), steps=3)
+
+
 @pytest.mark.parametrize("algo", ["astar_po", "grpo"])
 def test_accumulation_equals_one_big_micro_batch(dist_group, model_dir, algo):
     batch = _batch(8, seed=1)
