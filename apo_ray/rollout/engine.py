@@ -268,8 +268,8 @@ class RolloutEngine:
                 seed=None if seed is None else seed + i * n,
                 logprobs=0 if logprobs else None,  # 0: only the sampled token's log-prob
                 flat_logprobs=True,  # plain lists, not a dict + Logprob object per token
-                # Made here for this one request: vLLM need not deep-copy it (as its own OpenAI
-                # server does; ~1.5 ms of a 64-prompt demo generate).
+                # Made here for this one request and never reused: vLLM need not deep-copy it (as
+                # its own OpenAI server does; ~1.5 ms of a 64-prompt demo generate).
                 skip_clone=True,
             )
             for i in range(len(prompts))

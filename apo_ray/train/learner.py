@@ -252,7 +252,7 @@ class Learner:
         # and torch's foreach kernels, not by DeepSpeed's per-parameter loop and its all-reduce of
         # a norm every rank already has (~2 ms of a demo update, measured). The same formula
         # (max_norm / (norm + 1e-6), at most 1). With ZeRO >= 1 DeepSpeed's optimizer clips.
-        self.clips_itself = self.CLIP_IN_TORCH and cfg.zero_stage == 0 and cfg.grad_clip > 0
+        self.clips_itself = self.CLIP_IN_TORCH and cfg.zero_stage == 0 and dtype == "float32" and cfg.grad_clip > 0
 
         policy = _load_hf_model(model_path)
         if cfg.gradient_checkpointing:
@@ -497,6 +497,8 @@ class Learner:
             return float("nan")
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if self.clips_itself:
+            if not self.engine.is_gradient_accumulation_boundary():  # DeepSpeed would step unclipped
+                raise RuntimeError("gradient clipping off DeepSpeed's accumulation boundary")
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
         return float(norm)
 
