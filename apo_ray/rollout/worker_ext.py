@@ -449,7 +449,7 @@ def repack_cpu_gemms(gemms: list) -> None:
     An input embedding's kernel is rebuilt only when first used. vLLM-CPU builds one for every
     vocabulary embedding, in case the model computes its logits with it, but most models look
     tokens up in it and have a separate LM head (sharing the weight when tied), so its kernel is
-    never run: 0.4 of the demo model's 2.45 ms load (measured), and the largest matrix of a tied
+    never run: 0.16 of the demo model's 2.24 ms load (measured), and the largest matrix of a tied
     model. One that is used (a model that calls its embedding as the LM head) gets the same kernel
     at its first call.
     """

@@ -103,8 +103,8 @@ class RolloutBatch:
             raise ValueError("prompt_ids, response_ids and engine_logps must have one entry per sequence")
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
         T = max(lengths, default=1)
-        # Rows built as lists, one tensor per field: per-row slice assignments cost ~2 ms on a
-        # 64-sequence demo batch (5 small tensor ops a row), ~10x this.
+        # Rows built as lists, one tensor per field: per-row slice assignments (5 small tensor ops
+        # a row) took 0.94 ms on a 64-sequence demo batch, this 0.28 ms (measured).
         ids, attention, resp_mask, engine_logp = [], [], [], []
         for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
             if len(p) == 0:
@@ -250,7 +250,7 @@ class Learner:
         self.gas = seqs_per_optimizer_step // (world_size * micro)
         # ZeRO-0 (always fp32): the gradients are clipped here, with the norm the stats take anyway
         # and torch's foreach kernels, not by DeepSpeed's per-parameter loop and its all-reduce of
-        # a norm every rank already has (~2 ms of a demo update, measured). The same formula
+        # a norm every rank already has (0.5 ms of a 23 ms demo update, measured). The same formula
         # (max_norm / (norm + 1e-6), at most 1). With ZeRO >= 1 DeepSpeed's optimizer clips.
         self.clips_itself = self.CLIP_IN_TORCH and cfg.zero_stage == 0 and dtype == "float32" and cfg.grad_clip > 0
 
