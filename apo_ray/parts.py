@@ -81,6 +81,7 @@ def part_engine(cfg: Config, threads: int, repeats: int) -> dict:
         max_num_seqs=cfg.engine.max_num_seqs,
         weight_sync="shm",
         cpu_threads=threads,
+        cpu_gemm=cfg.engine.cpu_gemm,
     )
     kw = dict(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed)
     res = {
@@ -103,6 +104,8 @@ def part_engine(cfg: Config, threads: int, repeats: int) -> dict:
     finally:
         sync.close()
     res["local_push_s"] = timed(lambda: LocalWeightSync().push(named, eng), repeats)
+    # Stage 2's generates all follow a sync: with engine.cpu_gemm=torch their kernels are torch's
+    res["generate_after_sync_s"] = timed(lambda: eng.generate(prompts, logprobs=True, **kw), repeats)
     eng.shutdown()
     return res
 
@@ -168,7 +171,8 @@ def bench_parts(config: str, overrides: list[str], repeats: int = 30) -> dict:
     """Both sides, each in a fresh process; prints the table."""
     from apo_ray.model import resolve_model
 
-    resolve_model(load_config(config, overrides).model.path)  # build the tiny model now, untimed
+    cfg = load_config(config, overrides)
+    resolve_model(cfg.model.path)  # build the tiny model now, untimed
     res = {}
     for which in PARTS:
         done = subprocess.run(
@@ -183,11 +187,12 @@ def bench_parts(config: str, overrides: list[str], repeats: int = 30) -> dict:
     rows = (
         ("vLLM generate (log-probs on)", e["generate_s"]),
         ("  without log-probs", e["generate_no_logprobs_s"]),
+        (f"  after the syncs (engine.cpu_gemm={cfg.engine.cpu_gemm})", e["generate_after_sync_s"]),
         ("HF generate (the floor's)", lr["hf_generate_s"]),
         ("learner update (DeepSpeed)", lr["learner_update_s"]),
         ("floor update (torch AdamW)", lr["floor_update_s"]),
         ("weight load: vLLM reload_weights", e["reload_weights_s"]),
-        ("weight load: load_weights + repack", e["load_and_repack_s"]),
+        ("weight load: load_weights + kernels", e["load_and_repack_s"]),
         ("weight push via shm (copy, load, reset)", e["push_s"]),
         ("weight push in one process (load, reset)", e["local_push_s"]),
     )

@@ -119,6 +119,9 @@ def _sweep_point(cfg: Config, label: str, max_tokens: int, steps: int, prompts: 
         model={"path": path},
         data={"arith": dataclasses.replace(cfg.data.arith, num_train=prompts)},
         sampling={"max_tokens": max_tokens},
+        # vLLM-CPU's own kernels at every point (the demo config's torch linear pays only for small
+        # layers and short responses; `worker_ext.repack_cpu_gemms`).
+        engine={"cpu_gemm": "onednn"},
         vstar={"output_dir": scratch, "overwrite": True},
         train={"vstar_dir": scratch},
     )

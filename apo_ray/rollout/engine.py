@@ -130,6 +130,9 @@ def skip_logprob_token_text(llm) -> bool:
     return True
 
 
+CPU_GEMM_KERNELS = ("onednn", "torch")  # engine.cpu_gemm
+
+
 class RolloutEngine:
     """A vLLM engine for sampling, with in-place weight updates.
 
@@ -146,6 +149,9 @@ class RolloutEngine:
             "shm" on CPU and "ipc" on GPU.
         cpu_threads: vLLM-CPU only: torch threads of the engine (None: this process's default;
             Ray gives an actor as many as it reserved CPUs, 1 for a zero-CPU actor).
+        cpu_gemm: vLLM-CPU with weight_sync only: the kernel of every linear layer after each sync,
+            "onednn" (vLLM-CPU's, rebuilt at every sync) or "torch" (torch's linear on the weight;
+            nothing to rebuild). See `worker_ext.repack_cpu_gemms`.
     """
 
     def __init__(
@@ -162,8 +168,11 @@ class RolloutEngine:
         enable_sleep_mode: bool = False,
         weight_sync: bool | str = False,
         cpu_threads: int | None = None,
+        cpu_gemm: str = "onednn",
     ):
         t0 = time.perf_counter()
+        if cpu_gemm not in CPU_GEMM_KERNELS:
+            raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_KERNELS}; got {cpu_gemm!r}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm.platforms import current_platform
 
@@ -219,6 +228,8 @@ class RolloutEngine:
         gc.freeze()
         self.llm = LLM(**kwargs)
         self.logprob_text_skipped = skip_logprob_token_text(self.llm)
+        if self.on_cpu and self.sync_backend is not None and cpu_gemm != "onednn":
+            self.llm.collective_rpc("apo_set_cpu_gemm", args=(cpu_gemm,))
         self._prompt_ids: dict[str, list[int]] = {}  # prompt -> token ids (`_token_prompts`)
         cache = self.llm.llm_engine.vllm_config.cache_config
         self.prefix_cached = prefix_cache_in_use(cache.enable_prefix_caching, max_model_len, cache.block_size)

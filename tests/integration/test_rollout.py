@@ -238,6 +238,29 @@ def test_weight_sync_cpu(engine, model_a, model_b, mode):
     assert _max_seq_gap(_hf(model_a), engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
 
 
+def test_torch_linear_kernels_after_a_sync(engine, model_a, model_b):
+    """engine.cpu_gemm=torch: every push leaves each GEMM layer torch's linear on its plain weight
+    (nothing rebuilt), and the engine's log-probs are still the learner's; "onednn" brings vLLM's back."""
+    import torch.nn.functional as F
+
+    from apo_ray.rollout.weight_sync import LocalWeightSync
+
+    vllm_model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    sync = LocalWeightSync()
+    try:
+        engine.llm.collective_rpc("apo_set_cpu_gemm", args=("torch",))
+        sync.push(_hf(model_b).state_dict().items(), engine)
+        assert vllm_model._apo_cpu_gemms and all(m.cpu_linear is F.linear for m in vllm_model._apo_cpu_gemms)
+        assert _max_seq_gap(_hf(model_b), engine.generate(PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)) < TOL
+        with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+            engine.llm.collective_rpc("apo_set_cpu_gemm", args=("mkl",))
+    finally:
+        engine.llm.collective_rpc("apo_set_cpu_gemm", args=("onednn",))
+        sync.push(_hf(model_a).state_dict().items(), engine)  # leave the module engine as it was
+    assert not any(m.cpu_linear is F.linear for m in vllm_model._apo_cpu_gemms)
+    assert _max_seq_gap(_hf(model_a), engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
+
+
 def test_engine_as_ray_actor(model_a, model_b):
     """The Stage 2 shape: RolloutEngine wrapped by ray.remote, weights pushed through the handle."""
     import ray

@@ -344,6 +344,9 @@ def test_bad_choice_message_lists_the_allowed_values_and_the_origin(tmp_path: Pa
     assert error_of("demo", ["train.zero_stage=4"]) == (
         "config key 'train.zero_stage': must be one of 0, 1, 2, 3; got 4 (command line)"
     )
+    assert error_of("demo", ["engine.cpu_gemm=mkl"]) == (
+        "config key 'engine.cpu_gemm': must be one of onednn, torch; got 'mkl' (command line)"
+    )
     path = tmp_path / "bad.yaml"
     path.write_text("resources:\n  device: tpu\n")
     assert error_of(str(path)) == (f"config key 'resources.device': must be one of auto, cpu, cuda; got 'tpu' ({path})")

@@ -17,6 +17,15 @@ def test_engine_spec_reads_engine_and_sampling_once():
     assert (spec.tensor_parallel_size, spec.max_num_seqs, spec.seed, spec.dtype) == (2, 32, 3, "bfloat16")
     assert spec.max_model_len == cfg.sampling.max_prompt_tokens + 16
     assert spec.enforce_eager is True and spec.weight_sync is False
+    assert spec.cpu_gemm == "torch"  # the demo's; every other shipped config keeps vLLM's oneDNN kernels
+    assert engine_spec(load_config("gsm8k_qwen2.5_3b"), model_path="/m", dtype="bfloat16", seed=0).cpu_gemm == "onednn"
+
+
+def test_an_unknown_cpu_gemm_kernel_is_refused_before_vllm_starts():
+    from apo_ray.rollout.engine import RolloutEngine
+
+    with pytest.raises(ValueError, match=r"cpu_gemm must be one of \('onednn', 'torch'\); got 'mkl'"):
+        RolloutEngine("/nonexistent", cpu_gemm="mkl")
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
