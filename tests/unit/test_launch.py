@@ -26,6 +26,21 @@ def test_an_unknown_cpu_gemm_kernel_is_refused_before_vllm_starts():
 
     with pytest.raises(ValueError, match=r"cpu_gemm must be one of \('onednn', 'torch'\); got 'mkl'"):
         RolloutEngine("/nonexistent", cpu_gemm="mkl")
+    with pytest.raises(ValueError, match=r"cpu_gemm='torch' needs enforce_eager=True"):
+        RolloutEngine("/nonexistent", cpu_gemm="torch")
+
+
+def test_the_torch_kernel_takes_a_bias_vllm_made_float32():
+    """vLLM-CPU's small-GEMM path (bf16 on AMX CPUs) turns a layer's bias to float32 at load; after a
+    sync with engine.cpu_gemm=torch the bf16 input meets that float32 bias."""
+    import torch
+
+    from apo_ray.rollout.worker_ext import torch_linear
+
+    x, w, b = torch.randn(3, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(4)
+    out = torch_linear(x, w, b)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.nn.functional.linear(x, w, b.bfloat16()))
+    assert torch.equal(torch_linear(x.float(), w.float(), None), x.float() @ w.float().T)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
