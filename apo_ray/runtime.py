@@ -5,6 +5,7 @@ Nothing here imports torch, vllm or deepspeed at module level, so `--help` answe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from importlib import metadata
@@ -72,6 +73,7 @@ def worker_env(cfg: Config, device: str) -> dict[str, str]:
     return env
 
 
+_exit_hook = None  # `stop_monitor_first`, once registered
 _started: dict[str, str] = {}  # the Ray this process connected to or started: {gcs address: "cluster" | "local"}
 
 
@@ -82,6 +84,7 @@ def init_ray(res: ResourcesConfig) -> str:
     a driver that runs several stages (the demo, the pipeline) sees a cluster as a cluster."""
     import ray
 
+    global _exit_hook
     if ray.is_initialized():
         return _started.get(ray.get_runtime_context().gcs_address, "existing")
     address = res.address or os.environ.get("RAY_ADDRESS")
@@ -94,8 +97,34 @@ def init_ray(res: ResourcesConfig) -> str:
         # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
         ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
         mode = "local"
+        if _exit_hook is None:  # runs before Ray's own exit hook, which Ray registers at its import
+            _exit_hook = atexit.register(stop_monitor_first)
     _started[ray.get_runtime_context().gcs_address] = mode
     return mode
+
+
+def stop_monitor_first() -> None:
+    """Kill the embedded Ray's autoscaler monitor, ahead of Ray's own shutdown (an exit hook).
+
+    Ray's shutdown (2.60, `Node.kill_all_processes`) stops the raylet and the GCS first and then
+    sends the monitor SIGTERM; the monitor's handler tries to report its end to the GCS that is
+    already gone, and Ray kills it only after a 1 s timeout: every job on an embedded Ray took a
+    second longer to exit. A fixed local node has nothing for the monitor to scale, so it is killed
+    at once (SIGKILL: its handler would report "the autoscaler failed" to this driver); Ray's
+    shutdown then skips it. Does nothing when this process did not start the Ray it is on, or when
+    Ray's internals differ from what this expects.
+    """
+    try:
+        from ray._private import ray_constants
+        from ray._private.worker import _global_node as node
+
+        infos = [] if node is None else node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+        for info in infos:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception as e:  # never let an exit hook turn a finished job into a failed one
+        log.debug("could not stop Ray's monitor ahead of its shutdown: %r", e)
 
 
 def check_fits(need: dict[str, float], key: str | tuple[str, ...], what: str) -> None:

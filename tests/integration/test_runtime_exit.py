@@ -1,0 +1,55 @@
+"""An embedded Ray's exit: apo-ray stops Ray's autoscaler monitor ahead of Ray's own shutdown (which
+would otherwise wait 1 s for it), and the job still leaves no Ray process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+_JOB = """
+import json
+import ray
+from ray._private import ray_constants
+from ray._private import worker
+from apo_ray.config import ResourcesConfig
+from apo_ray import runtime
+from apo_ray.runtime import init_ray, stop_monitor_first
+
+assert init_ray(ResourcesConfig(num_cpus=1)) == "local"
+node = worker._global_node
+pids = {kind: [i.process.pid for i in infos] for kind, infos in node.all_processes.items()}
+monitor = node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+stop_monitor_first()
+print("JOB " + json.dumps({
+    "pids": pids,
+    "monitor_exit": monitor.poll(),
+    "gcs_alive_after": len(ray.nodes()),
+    "exit_hook": runtime._exit_hook is stop_monitor_first,
+}))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purpose
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_embedded_ray_stops_its_monitor_first_and_leaves_nothing():
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", _JOB], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("JOB "))[4:])
+    assert res["exit_hook"]  # registered by init_ray, so a job's plain exit runs it
+    assert res["monitor_exit"] is not None  # killed by the hook, with the GCS still up:
+    assert res["gcs_alive_after"] == 1
+    # SIGKILL: the monitor's SIGTERM handler would have told the driver the autoscaler failed.
+    assert "autoscaler failed" not in done.stdout + done.stderr
+    left = [(kind, pid) for kind, pids in res["pids"].items() for pid in pids if _alive(pid)]
+    assert not left, left
