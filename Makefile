@@ -5,7 +5,6 @@ BIN     := $(VENV)/bin
 # Extra pip options, e.g. PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_EXTRA ?=
 STAMP   := $(VENV)/.stamp-install
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED = 0
 export TOKENIZERS_PARALLELISM = false

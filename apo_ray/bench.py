@@ -41,8 +41,9 @@ def _with(cfg: Config, **sections) -> Config:
 
 
 _BARE_VLLM = """
-import json, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
+os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would replace kv_cache_memory_bytes, as in RolloutEngine
 from vllm import LLM, SamplingParams
 t1 = time.perf_counter()
 job = json.load(open(sys.argv[1]))
@@ -114,6 +115,7 @@ def bench_stage1(cfg: Config) -> dict:
             "max_num_seqs": cfg.engine.max_num_seqs,
             "enforce_eager": cfg.engine.enforce_eager,  # as the pipeline's engines (RolloutEngine)
             "distributed_executor_backend": "uni",  # one process, as ours (`single_process_cpu_kwargs`)
+            "kv_cache_memory_bytes": int(cfg.engine.cpu_kvcache_gib * 2**30),  # as ours
         },
         "sampling": {
             "n": cfg.vstar.num_samples,
@@ -126,7 +128,7 @@ def bench_stage1(cfg: Config) -> dict:
     }
     job_path = OUT / "stage1_bare_job.json"
     job_path.write_text(json.dumps(job))
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.cpu_kvcache_gib), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     bare_s, out = _timed_process([sys.executable, "-c", _BARE_VLLM, str(job_path)], env, OUT / "stage1_bare.log")
     bare = json.loads(next(x for x in out.splitlines() if x.startswith("BARE "))[5:])
     os.remove(job_path)

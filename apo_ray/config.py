@@ -101,9 +101,10 @@ class EngineConfig:
 
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.45
-    # vLLM-CPU's KV cache in whole GiB (>= 1): written to VLLM_CPU_KVCACHE_SPACE, an integer, for
-    # every engine on CPU. Unused on GPU (engine.gpu_memory_utilization sizes the cache there).
-    cpu_kvcache_gib: int = 1
+    # vLLM-CPU's KV cache in GiB (> 0, fractions allowed: 0.0625 is 64 MiB), allocated and zeroed
+    # at every engine start on CPU (vLLM's kv_cache_memory_bytes). Unused on GPU
+    # (engine.gpu_memory_utilization sizes the cache there).
+    cpu_kvcache_gib: float = 1.0
     enforce_eager: bool = False
     max_num_seqs: int = 256
     # An engine actor that is not up after this many seconds fails the run (instead of waiting
@@ -542,7 +543,6 @@ def validate(cfg: Config) -> None:
         _fail("train.rollout_process", f"'learner' is not possible here: {why}; use 'auto' or 'actor'")
     for key, value in (
         ("engine.tensor_parallel_size", cfg.engine.tensor_parallel_size),
-        ("engine.cpu_kvcache_gib", cfg.engine.cpu_kvcache_gib),
         ("eval.num_actors", cfg.eval.num_actors),
     ):
         if value < 1:
@@ -554,5 +554,6 @@ def validate(cfg: Config) -> None:
     if cfg.eval.k < 1:
         _fail("eval.k", f"must be >= 1, got {cfg.eval.k}")
     _positive(cfg, "engine.start_timeout_s", cfg.engine.start_timeout_s)
+    _positive(cfg, "engine.cpu_kvcache_gib", cfg.engine.cpu_kvcache_gib)
     if not 0 < cfg.engine.gpu_memory_utilization <= 1:
         _fail("engine.gpu_memory_utilization", "must be in (0, 1]")

@@ -56,6 +56,7 @@ class EngineSpec:
     weight_sync: bool | str = False  # False, or the backend the learner pushes with (shm | ipc | nccl)
     cpu_threads: int | None = None  # vLLM-CPU: torch threads of the engine (None: its process's default)
     cpu_gemm: str = "onednn"  # vLLM-CPU with weight sync: the linear kernel after each sync (engine.cpu_gemm)
+    cpu_kvcache_gib: float = 1.0  # vLLM-CPU: the KV cache's size (engine.cpu_kvcache_gib)
 
 
 def engine_spec(
@@ -81,6 +82,7 @@ def engine_spec(
         enable_sleep_mode=enable_sleep_mode,
         weight_sync=weight_sync,
         cpu_gemm=e.cpu_gemm,
+        cpu_kvcache_gib=e.cpu_kvcache_gib,
     )
 
 

@@ -82,6 +82,7 @@ def part_engine(cfg: Config, threads: int, repeats: int) -> dict:
         weight_sync="shm",
         cpu_threads=threads,
         cpu_gemm=cfg.engine.cpu_gemm,
+        cpu_kvcache_gib=cfg.engine.cpu_kvcache_gib,
     )
     kw = dict(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed)
     res = {

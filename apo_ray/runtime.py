@@ -16,7 +16,7 @@ from apo_ray.errors import ConfigError
 log = logging.getLogger("apo_ray")
 
 # Environment every actor and Ray Train worker gets (CPU-friendly defaults; a variable the
-# user set in the driver's environment wins, except VLLM_CPU_KVCACHE_SPACE: see `worker_env`).
+# user set in the driver's environment wins; VLLM_CPU_KVCACHE_SPACE is ignored: see `worker_env`).
 _WORKER_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -53,18 +53,18 @@ def setup_logging(level: int = logging.INFO) -> None:
 def worker_env(cfg: Config, device: str) -> dict[str, str]:
     """Environment variables for every actor and Ray Train worker of a job.
 
-    engine.cpu_kvcache_gib is the one source of vLLM-CPU's KV cache size: it is written to
-    VLLM_CPU_KVCACHE_SPACE for every engine (a different value in the driver's environment
-    is overridden, with a warning).
+    engine.cpu_kvcache_gib is the one source of vLLM-CPU's KV cache size (each engine passes it
+    to vLLM and drops VLLM_CPU_KVCACHE_SPACE from its process): a VLLM_CPU_KVCACHE_SPACE in the
+    driver's environment is ignored, with a warning.
     """
     env = {k: os.environ.get(k, v) for k, v in _WORKER_ENV_DEFAULTS.items()}
-    kv = str(cfg.engine.cpu_kvcache_gib)
     outside = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    if outside not in (None, kv):
+    if device == "cpu" and outside and outside != f"{cfg.engine.cpu_kvcache_gib:g}":
         log.warning(
-            "VLLM_CPU_KVCACHE_SPACE=%s in the environment is overridden by engine.cpu_kvcache_gib=%s", outside, kv
+            "VLLM_CPU_KVCACHE_SPACE=%s in the environment is ignored: engine.cpu_kvcache_gib=%s sizes vLLM-CPU's KV cache",
+            outside,
+            cfg.engine.cpu_kvcache_gib,
         )
-    env["VLLM_CPU_KVCACHE_SPACE"] = kv
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     for k in _PASSED_THROUGH:

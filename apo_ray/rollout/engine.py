@@ -19,8 +19,9 @@ learner's; A*-PO uses top_p = 1.
 Seeds: prompt i gets ``seed + i * n``; vLLM gives the j-th of its n samples ``seed + i*n + j``,
 so every sample in a call has its own random stream and a call is reproducible.
 
-Devices: on vLLM-CPU set VLLM_CPU_KVCACHE_SPACE (GiB; we default it to 1) in the caller's
-environment; sleep mode is a no-op there. The GPU-only parts (sleep mode, the native
+Devices: on vLLM-CPU the KV cache is `cpu_kvcache_gib` (vLLM's kv_cache_memory_bytes; vLLM's
+older VLLM_CPU_KVCACHE_SPACE variable, which would override it, is dropped from this process's
+environment); sleep mode is a no-op there. The GPU-only parts (sleep mode, the native
 weight-transfer engine) are written from the vLLM 0.32 sources and are not exercised by the
 CPU test suite; they are marked "GPU path" below.
 """
@@ -169,13 +170,15 @@ class RolloutEngine:
         weight_sync: bool | str = False,
         cpu_threads: int | None = None,
         cpu_gemm: str = "onednn",
+        cpu_kvcache_gib: float = 1.0,
     ):
         t0 = time.perf_counter()
         if cpu_gemm not in CPU_GEMM_KERNELS:
             raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_KERNELS}; got {cpu_gemm!r}")
         if cpu_gemm == "torch" and not enforce_eager:  # vLLM-CPU's compiled graph keeps its traced kernels
             raise ValueError("cpu_gemm='torch' needs enforce_eager=True")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if not cpu_kvcache_gib > 0:
+            raise ValueError(f"cpu_kvcache_gib must be > 0; got {cpu_kvcache_gib!r}")
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
@@ -196,6 +199,11 @@ class RolloutEngine:
         )
         if self.sync_backend is not None:
             kwargs["worker_extension_cls"] = WORKER_EXTENSION
+        if self.on_cpu:
+            # vLLM-CPU lets VLLM_CPU_KVCACHE_SPACE (whole GiB) replace kv_cache_memory_bytes; without
+            # either it sizes the cache from free memory. The engine's own size is the one source.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gib * 2**30)
         if self.on_cpu and tensor_parallel_size == 1:
             kwargs.update(single_process_cpu_kwargs())
         # Its worker runs in this process: `load_weights` may hand it tensors (nothing is serialised).

@@ -372,15 +372,15 @@ def test_bad_choice_in_a_config_dict_names_the_key():
 # ---------------------------------------------------------------- engine.cpu_kvcache_gib and data limits
 
 
-def test_cpu_kvcache_gib_is_a_whole_number_of_gib():
-    cfg = load_config("demo", ["engine.cpu_kvcache_gib=4"])
-    assert cfg.engine.cpu_kvcache_gib == 4 and type(cfg.engine.cpu_kvcache_gib) is int
-    assert load_config().engine.cpu_kvcache_gib == 1
-    msg = error_of("demo", ["engine.cpu_kvcache_gib=1.5"])
+def test_cpu_kvcache_gib_takes_fractions_of_a_gib():
+    assert load_config("demo", ["engine.cpu_kvcache_gib=4"]).engine.cpu_kvcache_gib == 4.0
+    assert load_config().engine.cpu_kvcache_gib == 1.0
+    assert load_config("demo").engine.cpu_kvcache_gib == 0.125  # 128 MiB: 4x what the demo's engines hold
+    msg = error_of("demo", ["engine.cpu_kvcache_gib=lots"])
     assert msg.startswith("command line: bad value for 'engine.cpu_kvcache_gib'"), msg
-    for bad in ("0", "-2"):
+    for bad in ("0", "-2", "nan"):
         msg = error_of("demo", [f"engine.cpu_kvcache_gib={bad}"])
-        assert msg.startswith("config key 'engine.cpu_kvcache_gib': must be >= 1"), msg
+        assert msg.startswith("config key 'engine.cpu_kvcache_gib': must be > 0"), msg
 
 
 @pytest.mark.parametrize("key", ["data.max_train_prompts", "data.max_eval_prompts"])

@@ -18,6 +18,7 @@ def test_engine_spec_reads_engine_and_sampling_once():
     assert spec.max_model_len == cfg.sampling.max_prompt_tokens + 16
     assert spec.enforce_eager is True and spec.weight_sync is False
     assert spec.cpu_gemm == "torch"  # the demo's; every other shipped config keeps vLLM's oneDNN kernels
+    assert spec.cpu_kvcache_gib == cfg.engine.cpu_kvcache_gib
     assert engine_spec(load_config("gsm8k_qwen2.5_3b"), model_path="/m", dtype="bfloat16", seed=0).cpu_gemm == "onednn"
 
 
@@ -183,3 +184,16 @@ def test_a_cpu_learner_and_its_replica_use_the_cpus_reserved_for_both(
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     cfg = load_config("demo", [f"resources.cpus_per_actor={cpus_per_actor}"])
     assert cpu_threads(cfg, learners_here) == threads
+
+
+def test_an_outside_kv_cache_variable_is_ignored_with_a_warning(monkeypatch, caplog):
+    cfg = load_config("demo")  # engine.cpu_kvcache_gib: 0.125
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    with caplog.at_level("WARNING", logger="apo_ray"):
+        env = worker_env(cfg, "cpu")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # each engine passes its own size and drops the variable
+    assert "VLLM_CPU_KVCACHE_SPACE=4 in the environment is ignored: engine.cpu_kvcache_gib=0.125" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    worker_env(load_config("demo", ["engine.cpu_kvcache_gib=1"]), "cpu")  # the same size: nothing to say
+    assert caplog.text == ""
