@@ -274,21 +274,41 @@ def floor_figures(cfg: Config, steps: int) -> dict:
     return res
 
 
+def _bracket(before: dict, after: dict) -> dict:
+    """The floor's figures as the mean of two runs (`floor_figures`), one on each side of apo-ray's."""
+
+    def mean(a, b):
+        if isinstance(a, dict):
+            return {k: mean(a[k], b[k]) for k in a}
+        return (a + b) / 2 if isinstance(a, float) else a
+
+    return mean(before, after)
+
+
 def bench_floor(cfg: Config, steps: int = 30) -> dict:
     """apo-ray's Stage 1 and Stage 2 against the floor, all in this run (same machine, same minutes).
 
     The floor runs first, before Ray starts (nothing else in this process then); then Stage 1 (the
-    pipeline and a bare vllm.LLM.generate, `bench_stage1`) and an A*-PO Stage 2 run of `steps` steps.
+    pipeline and a bare vllm.LLM.generate, `bench_stage1`) and an A*-PO Stage 2 run of `steps` steps;
+    then, with Ray stopped, the floor again. This machine's speed drifts by 10-20 % within an hour:
+    apo-ray's figures are divided by the mean of the two floors, which bracket them in time.
     """
+    import ray
+
     from apo_ray.runtime import init_ray
 
-    floor = floor_figures(cfg, steps)
+    before = floor_figures(cfg, steps)
     s1 = bench_stage1(cfg)  # its own processes, before this one starts a Ray
     init_ray(cfg.resources)
     s2 = _stage2_run(_stage2_vstar(cfg), "astar_po", steps)
+    ray.shutdown()  # an idle Ray's processes would slow the floor's second run (~10 %)
+    after = floor_figures(cfg, steps)
+    floor = _bracket(before, after)
     fs, fv = floor["step"], floor["vstar_pass"]
     res = {
         "floor": floor,
+        "floor_before": before,
+        "floor_after": after,
         "stage1": s1,
         "stage2_astar_po": s2,
         "ratios": {
@@ -303,7 +323,11 @@ def bench_floor(cfg: Config, steps: int = 30) -> dict:
         },
     }
     r = res["ratios"]
-    print(f"Floor (one process, HF generate + torch AdamW, {floor['threads']} threads) vs apo-ray, same run:")
+    print(
+        f"Floor (one process, HF generate + torch AdamW, {floor['threads']} threads) vs apo-ray, same run; "
+        f"the floor's step {before['step']['step_s']:.3f} s before apo-ray ran, {after['step']['step_s']:.3f} s "
+        "after (their mean below):"
+    )
     print(f"  {'':28s} {'floor':>8s} {'apo-ray':>8s} {'ratio':>6s}  target")
     rows = (
         ("Stage 2 step s", fs["step_s"], s2["step_s"], r["stage2_step_over_floor_step"], "<= 1.5"),

@@ -1,7 +1,8 @@
-"""The floor's pure parts: cutting HF generate's output into responses."""
+"""The floor's pure parts: cutting HF generate's output into responses; the bench's mean of two floors."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from apo_ray.floor import split_responses
@@ -42,3 +43,18 @@ def test_the_floor_refuses_settings_it_does_not_implement():
     ]:
         with pytest.raises(ConfigError, match=rf"^config key '{key}'"):
             check_floor_config(load_config("demo", override.split()))
+
+
+def test_the_bench_divides_by_the_mean_of_the_floors_on_either_side():
+    from apo_ray.bench import _bracket
+
+    before = {
+        "threads": 2,
+        "start_s": 1.0,
+        "step": {"step_s": 0.040, "response_len": 7.0},
+        "vstar_pass": {"prompts": 8},
+    }
+    after = {"threads": 2, "start_s": 3.0, "step": {"step_s": 0.050, "response_len": 7.0}, "vstar_pass": {"prompts": 8}}
+    mid = _bracket(before, after)
+    assert mid["step"]["step_s"] == pytest.approx(0.045) and mid["start_s"] == 2.0
+    assert mid["threads"] == 2 and mid["vstar_pass"] == {"prompts": 8} and mid["step"]["response_len"] == 7.0
