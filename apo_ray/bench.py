@@ -295,12 +295,13 @@ def bench_floor(cfg: Config, steps: int = 30) -> dict:
     """
     import ray
 
-    from apo_ray.runtime import init_ray
+    from apo_ray.runtime import init_ray, stop_monitor_first
 
     before = floor_figures(cfg, steps)
     s1 = bench_stage1(cfg)  # its own processes, before this one starts a Ray
     init_ray(cfg.resources)
     s2 = _stage2_run(_stage2_vstar(cfg), "astar_po", steps)
+    stop_monitor_first()
     ray.shutdown()  # an idle Ray's processes would slow the floor's second run (~10 %)
     after = floor_figures(cfg, steps)
     floor = _bracket(before, after)

@@ -50,6 +50,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def _same_number(text: str, value: float) -> bool:
+    try:
+        return float(text) == value
+    except ValueError:
+        return False
+
+
 def worker_env(cfg: Config, device: str) -> dict[str, str]:
     """Environment variables for every actor and Ray Train worker of a job.
 
@@ -59,7 +66,7 @@ def worker_env(cfg: Config, device: str) -> dict[str, str]:
     """
     env = {k: os.environ.get(k, v) for k, v in _WORKER_ENV_DEFAULTS.items()}
     outside = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    if device == "cpu" and outside and outside != f"{cfg.engine.cpu_kvcache_gib:g}":
+    if device == "cpu" and outside and not _same_number(outside, cfg.engine.cpu_kvcache_gib):
         log.warning(
             "VLLM_CPU_KVCACHE_SPACE=%s in the environment is ignored: engine.cpu_kvcache_gib=%s sizes vLLM-CPU's KV cache",
             outside,
@@ -122,7 +129,7 @@ def stop_monitor_first() -> None:
         for info in infos:
             if info.process.poll() is None:
                 info.process.kill()
-                info.process.wait(timeout=5)
+                info.process.wait(timeout=1)  # as Ray waits for a killed process
     except Exception as e:  # never let an exit hook turn a finished job into a failed one
         log.debug("could not stop Ray's monitor ahead of its shutdown: %r", e)
 

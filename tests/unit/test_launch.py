@@ -197,3 +197,14 @@ def test_an_outside_kv_cache_variable_is_ignored_with_a_warning(monkeypatch, cap
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     worker_env(load_config("demo", ["engine.cpu_kvcache_gib=1"]), "cpu")  # the same size: nothing to say
     assert caplog.text == ""
+
+
+def test_the_kv_cache_warning_compares_numbers_not_text(monkeypatch, caplog):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1.0")
+    with caplog.at_level("WARNING", logger="apo_ray"):
+        worker_env(load_config("demo", ["engine.cpu_kvcache_gib=1"]), "cpu")
+    assert caplog.text == ""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "lots")
+    with caplog.at_level("WARNING", logger="apo_ray"):
+        worker_env(load_config("demo", ["engine.cpu_kvcache_gib=1"]), "cpu")
+    assert "VLLM_CPU_KVCACHE_SPACE=lots in the environment is ignored" in caplog.text
