@@ -232,24 +232,23 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     from vllm.platforms import current_platform
 
     model = worker.model_runner.get_model()
+    kind = getattr(worker, "_apo_cpu_gemm", "onednn")  # `apo_set_cpu_gemm`
     gemms = getattr(model, "_apo_cpu_gemms", None)
     if gemms is None:
         cfg = worker.vllm_config
         plain = current_platform.is_cpu() and cfg.model_config.quantization is None and cfg.lora_config is None
         model._apo_cpu_gemms = gemms = keep_cpu_gemm_weights(model) if plain else False
     if gemms is False:
-        if getattr(worker, "_apo_cpu_gemm", "onednn") != "onednn" and not getattr(model, "_apo_warned_gemm", False):
+        if kind != "onednn" and not getattr(model, "_apo_warned_gemm", False):
             model._apo_warned_gemm = True
-            log.warning(
-                "engine.cpu_gemm=%s is not used: this model reloads through vLLM's own kernels", worker._apo_cpu_gemm
-            )
+            log.warning("engine.cpu_gemm=%s is not used: this model reloads through vLLM's own kernels", kind)
         worker.reload_weights(weights_iterator=weights)  # model_runner.reload_weights in set_current_vllm_config()
         return
     named = list(weights)
     plan = getattr(model, "_apo_copy_plan", None)
     if plan and plan.matches(named):
         plan.apply(named)
-        repack_cpu_gemms(gemms, getattr(worker, "_apo_cpu_gemm", "onednn"))
+        repack_cpu_gemms(gemms, kind)
         return
     with set_current_vllm_config(worker.vllm_config):
         if plan is None:  # the first load: learn what it does (None if it cannot be replayed)
@@ -264,7 +263,7 @@ def load_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
             raise RuntimeError(f"weight sync sent no tensor for {len(missing)} of the model's weights: {missing[:5]}")
         if plan is None:
             model._apo_copy_plan = new if new is not None and new.verify(model, named) else False
-        repack_cpu_gemms(gemms, getattr(worker, "_apo_cpu_gemm", "onednn"))
+        repack_cpu_gemms(gemms, kind)
 
 
 class CopyPlan:
