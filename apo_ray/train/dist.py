@@ -30,15 +30,29 @@ def global_sum(value: float) -> float:
     return float(t.item())
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each value averaged over all ranks (one all_reduce for the whole dict)."""
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over all ranks (float64; one all_reduce for the whole dict)."""
     keys = sorted(values)
     if _single():
         return {k: float(values[k]) for k in keys}
     vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(vec)
-    vec /= dist.get_world_size()
     return dict(zip(keys, vec.tolist()))
+
+
+def max_over_ranks(value: float) -> float:
+    """`value`'s maximum over all ranks (float64)."""
+    if _single():
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over all ranks (one all_reduce for the whole dict)."""
+    world = 1 if _single() else dist.get_world_size()
+    return {k: v / world for k, v in sum_over_ranks(values).items()}
 
 
 def any_rank(flag: bool) -> bool:

@@ -237,9 +237,29 @@ def test_zero0_clips_as_deepspeed_would(dist_group, model_dir, monkeypatch):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     m_ours, m_theirs, m_free = first_moments(ours), first_moments(theirs), first_moments(unclipped)
     for x, y, z in zip(m_ours, m_theirs, m_free):
-        assert torch.allclose(x, y, rtol=1e-4, atol=1e-12)
+        # Near-zero elements round differently in the two orders of summation (seen on an AMD EPYC:
+        # 3e-12 apart in a tensor whose largest element is 6e-6): the tolerance is relative to the tensor.
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
         assert float(x.abs().max()) < 0.1 * float(z.abs().max()) or float(z.abs().max()) == 0.0
     assert_same_adam_steps(_weights(ours), _weights(theirs), steps=3)
+
+
+def test_a_lone_rank_without_the_gradient_allreduce_takes_the_same_steps(dist_group, model_dir, monkeypatch):
+    """One fp32 ZeRO-0 rank leaves out DeepSpeed's gradient all-reduce (`Learner.reduces_alone`):
+    the same stats and the same weights, bit for bit, as with it (with accumulation and clipping on)."""
+    from apo_ray.train.learner import Learner
+
+    batch = _batch(8, seed=2)
+    ours = _learner(model_dir, 8, micro_batch_size=2, grad_clip=1e-3)
+    monkeypatch.setattr(Learner, "SKIP_LONE_ALLREDUCE", False)
+    theirs = _learner(model_dir, 8, micro_batch_size=2, grad_clip=1e-3)
+    assert ours.reduces_alone and not ours.engine.enable_backward_allreduce
+    assert not theirs.reduces_alone and theirs.engine.enable_backward_allreduce
+    for algo in ("astar_po", "grpo", "astar_po"):
+        a, b = (x.train_minibatch(batch, algo=algo, normalizer_seqs=8) for x in (ours, theirs))
+        assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
+    for (name, x), (_, y) in zip(ours.named_weights(), theirs.named_weights()):
+        assert torch.equal(x, y), name
 
 
 @pytest.mark.parametrize("algo", ["astar_po", "grpo"])
@@ -343,6 +363,7 @@ def _two_rank_worker(rank: int, port: int, model_dir: str, out_path: str) -> Non
     from apo_ray.train.learner import Learner
 
     learner = Learner(model_dir, _cfg(micro_batch_size=2), world_size=2, rank=rank, seqs_per_optimizer_step=8)
+    assert not learner.reduces_alone and learner.engine.enable_backward_allreduce
     batch = _batch(8, seed=1)
     shard = batch.slice(slice(4 * rank, 4 * rank + 4))  # 2 accumulation steps of 2 per rank
     t0 = time.perf_counter()
