@@ -1,6 +1,6 @@
 """Benchmarks (numbers for the README, never timed asserts).
 
-    python jobs/bench.py stage1  --config demo   # jobs/vstar.py vs a bare vllm.LLM.generate script, spawn to exit
+    python jobs/bench.py stage1  --config demo [--rounds 3]   # jobs/vstar.py vs a bare vllm.LLM.generate script, spawn to exit
     python jobs/bench.py stage2  --config demo [--algos astar_po]   # s/step split generate/train/sync, A*-PO vs GRPO (G=8)
     python jobs/bench.py compare --config demo --seeds 3 train.eval_every=32   # A*-PO vs GRPO: time to a target, mean +- s.e. over seeds
     python jobs/bench.py load    --config demo   # Stage 1 at 1x, 5x, 20x the prompts: throughput, peak RSS
@@ -71,13 +71,19 @@ def _timed_process(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple
     return seconds, done.stdout
 
 
-def bench_stage1(cfg: Config) -> dict:
+def bench_stage1(cfg: Config, rounds: int = 1) -> dict:
     """Stage 1 against a bare vllm.LLM.generate of the same prompts and params, each as a whole process.
 
     Each side is a command a user would run, timed from spawn to exit: `python jobs/vstar.py` (its
-    own embedded Ray, Ray Data, the sampler actor, parquet, Ray's shutdown) and a script that only
-    imports vLLM, starts one engine (in-process, eager, as the pipeline's) and generates everything
-    in one call. Run before this process starts a Ray of its own, so that nothing else runs.
+    own embedded Ray, Ray Data, the sampler actor, parquet, Ray's shutdown; with RAY_ADDRESS set it
+    joins that Ray instead) and a script that only imports vLLM, starts one engine (in-process,
+    eager, as the pipeline's) and generates everything in one call. Run before this process starts a
+    Ray of its own, so that nothing else runs.
+
+    Args:
+        rounds: pipeline / bare pairs, run one after the other (the order swapped every round, so
+            that a machine slowing down in the hour does not favour one side); each round's ratio is
+            kept, and the top-level figures are the medians over rounds (`stage1_summary`).
     """
     import json
     import os
@@ -86,25 +92,14 @@ def bench_stage1(cfg: Config) -> dict:
     from apo_ray.data import load_prompts
     from apo_ray.model import resolve_model
     from apo_ray.runtime import resolve_dtype
-    from apo_ray.storage import fs_read_json, get_fs
-    from apo_ray.vstar.pipeline import stats_name
 
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
     model = resolve_model(cfg.model.path)  # built now if missing, untimed
     cfg = _with(cfg, vstar={"output_dir": str((OUT / "stage1_vstar").resolve()), "overwrite": True})
     OUT.mkdir(parents=True, exist_ok=True)
     cfg_path = (OUT / "stage1_config.yaml").resolve()
     cfg_path.write_text(to_yaml(cfg))
-    jobs_vstar = Path(__file__).resolve().parents[1] / "jobs" / "vstar.py"
-    pipe_s, _ = _timed_process(
-        [sys.executable, str(jobs_vstar), "--config", str(cfg_path)], {}, OUT / "stage1_pipeline.log"
-    )
-    fs, root = get_fs(cfg.vstar.output_dir)
-    manifest = fs_read_json(fs, f"{root}/manifest.json")
-    pipe_tokens = manifest["counts"]["generated_tokens"]
-    # Steady state: the time actors spent on shards (generate + score + V* + parquet write), from
-    # each shard's stats sidecar.
-    shard_s = sum(fs_read_json(fs, f"{root}/{stats_name(i)}")["seconds"] for i in range(len(manifest["shards"])))
-
     s = cfg.sampling
     job = {
         "engine": {
@@ -128,37 +123,106 @@ def bench_stage1(cfg: Config) -> dict:
     }
     job_path = OUT / "stage1_bare_job.json"
     job_path.write_text(json.dumps(job))
+    sides = {"pipeline": lambda: _stage1_pipeline(cfg, cfg_path), "bare": lambda: _stage1_bare(job_path)}
+    per_round = []
+    try:
+        for r in range(rounds):
+            order = ("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")
+            got = {side: sides[side]() for side in order}
+            per_round.append(_stage1_round(got["pipeline"], got["bare"], first=order[0]))
+            if rounds > 1:
+                print(f"  round {r + 1}/{rounds} ({order[0]} first): ratio {per_round[-1]['ratio_processes']:.2f}")
+    finally:
+        os.remove(job_path)
+    res = {"prompts": len(job["prompts"]), "num_samples": cfg.vstar.num_samples, "ray": _ray_in_use()}
+    res.update(stage1_summary(per_round))
+    runs = f" (medians of {rounds} rounds)" if rounds > 1 else ""
+    print(
+        f"Stage 1 ({res['prompts']} prompts x N={res['num_samples']}), each side a whole process, spawn to exit, "
+        f"on {res['ray']}{runs}:\n"
+        f"  python jobs/vstar.py            {res['pipeline_process_s']:6.1f} s "
+        f"(its own clock {res['pipeline_wall_s']:.1f} s; shards {res['pipeline_in_actor_shard_s']:.1f} s)\n"
+        f"  bare vllm.LLM.generate script   {res['bare_process_s']:6.1f} s "
+        f"(import {res['bare_import_s']:.1f}, engine {res['bare_load_s']:.1f}, generate {res['bare_generate_s']:.1f} s)\n"
+        f"  ratio (tokens/s) {res['ratio_processes']:.2f}; in the actors vs bare generate alone "
+        f"{res['ratio_in_actor_steady_state']:.2f}"
+        + (
+            f"\n  ratio per round: {', '.join(f'{x:.2f}' for x in res['ratio_processes_per_round'])}"
+            if rounds > 1
+            else ""
+        )
+    )
+    return res
+
+
+def _ray_in_use() -> str:
+    """Which Ray the pipeline's process runs on: the one at $RAY_ADDRESS, else one it starts itself."""
+    import os
+
+    addr = os.environ.get("RAY_ADDRESS")
+    return f"the running Ray at RAY_ADDRESS={addr}" if addr else "an embedded Ray it starts and stops"
+
+
+def _stage1_pipeline(cfg: Config, cfg_path: Path) -> dict:
+    """`python jobs/vstar.py` on cfg_path, spawn to exit, with what its manifest and shard sidecars say."""
+    from apo_ray.storage import fs_read_json, get_fs
+    from apo_ray.vstar.pipeline import stats_name
+
+    jobs_vstar = Path(__file__).resolve().parents[1] / "jobs" / "vstar.py"
+    pipe_s, _ = _timed_process(
+        [sys.executable, str(jobs_vstar), "--config", str(cfg_path)], {}, OUT / "stage1_pipeline.log"
+    )
+    fs, root = get_fs(cfg.vstar.output_dir)
+    manifest = fs_read_json(fs, f"{root}/manifest.json")
+    # Steady state: the time actors spent on shards (generate + score + V* + parquet write), from
+    # each shard's stats sidecar.
+    shard_s = sum(fs_read_json(fs, f"{root}/{stats_name(i)}")["seconds"] for i in range(len(manifest["shards"])))
+    return {
+        "process_s": pipe_s,
+        "wall_s": manifest["wall_time_s"],  # the job's own clock: its checks to its manifest
+        "shard_s": shard_s,
+        "tokens": manifest["counts"]["generated_tokens"],
+    }
+
+
+def _stage1_bare(job_path: Path) -> dict:
+    """The bare vLLM script on job_path, spawn to exit, with its own phase times."""
+    import json
+
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     bare_s, out = _timed_process([sys.executable, "-c", _BARE_VLLM, str(job_path)], env, OUT / "stage1_bare.log")
-    bare = json.loads(next(x for x in out.splitlines() if x.startswith("BARE "))[5:])
-    os.remove(job_path)
+    return {"process_s": bare_s, **json.loads(next(x for x in out.splitlines() if x.startswith("BARE "))[5:])}
 
-    pipe_tps, bare_tps = pipe_tokens / pipe_s, bare["tokens"] / bare_s
-    res = {
-        "prompts": len(job["prompts"]),
-        "num_samples": cfg.vstar.num_samples,
-        "bare_process_s": bare_s,
+
+def _stage1_round(pipe: dict, bare: dict, first: str) -> dict:
+    """One round's figures from `_stage1_pipeline` and `_stage1_bare`; ratios are tokens/s, pipeline over bare."""
+    return {
+        "first": first,
+        "bare_process_s": bare["process_s"],
         "bare_import_s": bare["import_s"],
         "bare_load_s": bare["load_s"],
         "bare_generate_s": bare["generate_s"],
         "bare_tokens": bare["tokens"],
-        "pipeline_process_s": pipe_s,
-        "pipeline_wall_s": manifest["wall_time_s"],  # the job's own clock: its checks to its manifest
-        "pipeline_in_actor_shard_s": shard_s,
-        "pipeline_tokens": pipe_tokens,
-        "ratio_processes": pipe_tps / bare_tps,
-        "ratio_in_actor_steady_state": (pipe_tokens / shard_s) / (bare["tokens"] / bare["generate_s"]),
+        "pipeline_process_s": pipe["process_s"],
+        "pipeline_wall_s": pipe["wall_s"],
+        "pipeline_in_actor_shard_s": pipe["shard_s"],
+        "pipeline_tokens": pipe["tokens"],
+        "ratio_processes": (pipe["tokens"] / pipe["process_s"]) / (bare["tokens"] / bare["process_s"]),
+        "ratio_in_actor_steady_state": (pipe["tokens"] / pipe["shard_s"]) / (bare["tokens"] / bare["generate_s"]),
     }
-    print(
-        f"Stage 1 ({res['prompts']} prompts x N={res['num_samples']}), each side a whole process, spawn to exit:\n"
-        f"  python jobs/vstar.py            {pipe_s:6.1f} s  {pipe_tps:7.0f} tokens/s "
-        f"(its own clock {manifest['wall_time_s']:.1f} s; shards {shard_s:.1f} s)\n"
-        f"  bare vllm.LLM.generate script   {bare_s:6.1f} s  {bare_tps:7.0f} tokens/s "
-        f"(import {bare['import_s']:.1f}, engine {bare['load_s']:.1f}, generate {bare['generate_s']:.1f} s)\n"
-        f"  ratio (tokens/s) {res['ratio_processes']:.2f}; in the actors vs bare generate alone "
-        f"{res['ratio_in_actor_steady_state']:.2f}"
-    )
-    return res
+
+
+def stage1_summary(per_round: list[dict]) -> dict:
+    """The rounds of `bench_stage1` in one dict: every figure's median over the rounds (one round: its
+    own figures), each ratio's value per round, and the rounds themselves."""
+    if not per_round:
+        raise ValueError("no rounds to summarise")
+    keys = [k for k, v in per_round[0].items() if isinstance(v, (int, float))]
+    out: dict = {k: statistics.median(r[k] for r in per_round) for k in keys}
+    for k in ("ratio_processes", "ratio_in_actor_steady_state"):
+        out[f"{k}_per_round"] = [r[k] for r in per_round]
+    out["rounds"] = per_round
+    return out
 
 
 # ---------------------------------------------------------------- stage 2
@@ -482,10 +546,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=256, help="sweep: Stage 1 prompts per point")
     p.add_argument("--algos", default="astar_po,grpo", help="stage2: comma-separated algorithms to time")
     p.add_argument("--repeats", type=int, default=30, help="parts: timed calls per piece")
+    p.add_argument("--rounds", type=int, default=1, help="stage1: pipeline / bare pairs, in alternating order")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
     # Plain parse_args() rejects `compare --budget 120 train.eval_every=25`: the positional
     # overrides were already consumed (empty) before the options.
     return p.parse_intermixed_args(argv)
+
+
+def bench_command(argv: list[str]) -> str:
+    """The command line that made a bench's JSON, with the Ray it joined when RAY_ADDRESS chose one."""
+    import os
+    import shlex
+
+    addr = os.environ.get("RAY_ADDRESS")
+    return " ".join([*([f"RAY_ADDRESS={shlex.quote(addr)}"] if addr else []), "python jobs/bench.py", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.which == "load":
         res = bench_load(args.config, args.overrides)
     elif args.which == "stage1":
-        res = bench_stage1(cfg)
+        res = bench_stage1(cfg, args.rounds)
     elif args.which == "stage2":
         res = bench_stage2(cfg, args.steps, tuple(args.algos.split(",")))
     else:
@@ -526,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         res = bench_compare(cfg, args.budget, args.seeds, tuple(float(x) for x in args.lr_grid.split(",")))
     res["bench_seconds"] = time.time() - t
     res["versions"] = versions()
-    res["command"] = " ".join(["python jobs/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    res["command"] = bench_command(argv if argv is not None else sys.argv[1:])
     out = OUT / f"{args.which}.json"
     out.write_text(strict_json(res, indent=2) + "\n")
     print(f"wrote {out}")

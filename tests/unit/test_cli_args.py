@@ -41,3 +41,16 @@ def test_job_overrides_anywhere(argv, capsys):
 def test_bench_parts_takes_its_repeats():
     args = bench.parse_args(["parts", "--repeats", "5", "--config", "demo", "sampling.max_tokens=16"])
     assert (args.which, args.repeats, args.overrides) == ("parts", 5, ["sampling.max_tokens=16"])
+
+
+def test_bench_stage1_takes_its_rounds():
+    args = bench.parse_args(["stage1", "--rounds", "3", "--config", "demo", "vstar.shard_size=64"])
+    assert (args.which, args.rounds, args.overrides) == ("stage1", 3, ["vstar.shard_size=64"])
+    assert bench.parse_args(["stage1"]).rounds == 1
+
+
+def test_bench_json_names_the_ray_it_joined(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert bench.bench_command(["stage1", "--rounds", "3"]) == "python jobs/bench.py stage1 --rounds 3"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert bench.bench_command(["stage1"]) == "RAY_ADDRESS=auto python jobs/bench.py stage1"
