@@ -532,6 +532,13 @@ def bench_warmstart() -> dict:
     return {"recipe": recipe, "builds": builds, "gap": gaps}
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {n}")
+    return n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The bench command line; overrides may come before or after the options."""
     p = argparse.ArgumentParser(
@@ -546,7 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=256, help="sweep: Stage 1 prompts per point")
     p.add_argument("--algos", default="astar_po,grpo", help="stage2: comma-separated algorithms to time")
     p.add_argument("--repeats", type=int, default=30, help="parts: timed calls per piece")
-    p.add_argument("--rounds", type=int, default=1, help="stage1: pipeline / bare pairs, in alternating order")
+    p.add_argument(
+        "--rounds", type=_positive_int, default=1, help="stage1: pipeline / bare pairs, in alternating order"
+    )
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.eval_every=25")
     # Plain parse_args() rejects `compare --budget 120 train.eval_every=25`: the positional
     # overrides were already consumed (empty) before the options.

@@ -47,6 +47,8 @@ def test_bench_stage1_takes_its_rounds():
     args = bench.parse_args(["stage1", "--rounds", "3", "--config", "demo", "vstar.shard_size=64"])
     assert (args.which, args.rounds, args.overrides) == ("stage1", 3, ["vstar.shard_size=64"])
     assert bench.parse_args(["stage1"]).rounds == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["stage1", "--rounds", "0"])
 
 
 def test_bench_json_names_the_ray_it_joined(monkeypatch):
