@@ -134,7 +134,7 @@ def bench_stage1(cfg: Config, rounds: int = 1) -> dict:
                 print(f"  round {r + 1}/{rounds} ({order[0]} first): ratio {per_round[-1]['ratio_processes']:.2f}")
     finally:
         os.remove(job_path)
-    res = {"prompts": len(job["prompts"]), "num_samples": cfg.vstar.num_samples, "ray": _ray_in_use()}
+    res = {"prompts": len(job["prompts"]), "num_samples": cfg.vstar.num_samples, "ray": _ray_in_use(cfg)}
     res.update(stage1_summary(per_round))
     runs = f" (medians of {rounds} rounds)" if rounds > 1 else ""
     print(
@@ -155,12 +155,12 @@ def bench_stage1(cfg: Config, rounds: int = 1) -> dict:
     return res
 
 
-def _ray_in_use() -> str:
-    """Which Ray the pipeline's process runs on: the one at $RAY_ADDRESS, else one it starts itself."""
-    import os
+def _ray_in_use(cfg: Config) -> str:
+    """Which Ray the pipeline's process runs on: the one `init_ray` would join, else one it starts itself."""
+    from apo_ray.runtime import ray_address
 
-    addr = os.environ.get("RAY_ADDRESS")
-    return f"the running Ray at RAY_ADDRESS={addr}" if addr else "an embedded Ray it starts and stops"
+    addr = ray_address(cfg.resources)
+    return f"the running Ray at {addr}" if addr else "an embedded Ray it starts and stops"
 
 
 def _stage1_pipeline(cfg: Config, cfg_path: Path) -> dict:

@@ -84,6 +84,11 @@ _exit_hook = None  # `stop_monitor_first`, once registered
 _started: dict[str, str] = {}  # the Ray this process connected to or started: {gcs address: "cluster" | "local"}
 
 
+def ray_address(res: ResourcesConfig) -> str | None:
+    """The Ray a job joins: resources.address, else $RAY_ADDRESS; None: it starts an embedded local Ray."""
+    return res.address or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(res: ResourcesConfig) -> str:
     """Connect to a cluster (resources.address or $RAY_ADDRESS, which `ray job submit` sets)
     or start an embedded local Ray. Returns "cluster", "local", or "existing" (a Ray someone
@@ -94,7 +99,7 @@ def init_ray(res: ResourcesConfig) -> str:
     global _exit_hook
     if ray.is_initialized():
         return _started.get(ray.get_runtime_context().gcs_address, "existing")
-    address = res.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(res)
     if address:
         ray.init(address=address, log_to_driver=True)
         mode = "cluster"

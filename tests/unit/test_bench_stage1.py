@@ -33,3 +33,14 @@ def test_rounds_are_summarised_by_their_medians_and_kept():
     assert {k: one[k] for k in rounds[0] if k != "first"} == {k: v for k, v in rounds[0].items() if k != "first"}
     with pytest.raises(ValueError, match="no rounds"):
         stage1_summary([])
+
+
+def test_the_json_names_the_ray_the_job_would_join(monkeypatch):
+    from apo_ray.bench import _ray_in_use
+    from apo_ray.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _ray_in_use(load_config("demo", [])) == "an embedded Ray it starts and stops"
+    assert _ray_in_use(load_config("demo", ["resources.address=auto"])) == "the running Ray at auto"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert _ray_in_use(load_config("demo", [])) == "the running Ray at 127.0.0.1:6379"
