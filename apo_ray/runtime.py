@@ -105,6 +105,13 @@ def init_ray(res: ResourcesConfig) -> str:
         mode = "cluster"
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # No idle workers started ahead of need. When the first driver connects, the raylet starts
+        # Python workers that sit ready for tasks and actors without a runtime env of their own.
+        # Every apo-ray actor and learner has one (`worker_env`), so it gets a fresh process anyway.
+        # Those idle workers only take CPU while the job plans its Ray Data work and its engines
+        # import vLLM. On 2 vCPUs, Stage 1's plan took 0.7-0.9 s without them against 1.3-1.8 s
+        # (docs/results.md). A variable the user set wins.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # "local" always starts a fresh embedded Ray: a bare ray.init() would instead try to join
         # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
         ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)

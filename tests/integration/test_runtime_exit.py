@@ -1,5 +1,6 @@
-"""An embedded Ray's exit: apo-ray stops Ray's autoscaler monitor ahead of Ray's own shutdown (which
-would otherwise wait 1 s for it), and the job still leaves no Ray process behind."""
+"""An embedded Ray: apo-ray starts it without idle workers ahead of need, and stops Ray's autoscaler
+monitor ahead of Ray's own shutdown (which would otherwise wait 1 s for it); the job still leaves no
+Ray process behind."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 
 _JOB = """
 import json
+import time
+import psutil
 import ray
 from ray._private import ray_constants
 from ray._private import worker
@@ -20,6 +23,12 @@ from apo_ray.runtime import init_ray, stop_monitor_first
 assert init_ray(ResourcesConfig(num_cpus=1)) == "local"
 node = worker._global_node
 pids = {kind: [i.process.pid for i in infos] for kind, infos in node.all_processes.items()}
+# With Ray's default the raylet starts idle workers within ~1 s of the driver connecting.
+raylet = psutil.Process(pids[ray_constants.PROCESS_TYPE_RAYLET][0])
+workers = set()
+for _ in range(15):
+    workers |= {p.pid for p in raylet.children() if p.name() == "ray::IDLE"}  # a worker with no task yet
+    time.sleep(0.2)
 monitor = node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
 stop_monitor_first()
 print("JOB " + json.dumps({
@@ -27,6 +36,7 @@ print("JOB " + json.dumps({
     "monitor_exit": monitor.poll(),
     "gcs_alive_after": len(ray.nodes()),
     "exit_hook": runtime._exit_hook is stop_monitor_first,
+    "idle_workers": len(workers),
 }))
 """
 
@@ -40,12 +50,13 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ", 1)[1][0] != "Z"
 
 
-def test_embedded_ray_stops_its_monitor_first_and_leaves_nothing():
+def test_embedded_ray_starts_no_idle_workers_stops_its_monitor_first_and_leaves_nothing():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-c", _JOB], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("JOB "))[4:])
+    assert res["idle_workers"] == 0  # none started ahead of need: every apo-ray actor has its own env
     assert res["exit_hook"]  # registered by init_ray, so a job's plain exit runs it
     assert res["monitor_exit"] is not None  # killed by the hook, with the GCS still up:
     assert res["gcs_alive_after"] == 1
