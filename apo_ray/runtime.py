@@ -6,6 +6,7 @@ Nothing here imports torch, vllm or deepspeed at module level, so `--help` answe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from importlib import metadata
@@ -114,12 +115,60 @@ def init_ray(res: ResourcesConfig) -> str:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # "local" always starts a fresh embedded Ray: a bare ray.init() would instead try to join
         # whatever /tmp/ray/ray_current_cluster names, including a cluster that has since stopped.
-        ray.init(address="local", num_cpus=res.num_cpus, log_to_driver=True)
+        gcs = _embedded_gcs_address()
+        with _env_set("RAY_GCS_SERVER_PORT", gcs.rsplit(":", 1)[1]):
+            ray.init(
+                address="local",
+                num_cpus=res.num_cpus,
+                log_to_driver=True,
+                runtime_env={"env_vars": {"RAY_ADDRESS": gcs}},
+            )
+        if ray.get_runtime_context().gcs_address != gcs:  # e.g. Ray chose another node address
+            log.warning("the embedded Ray's GCS is at %s, not %s", ray.get_runtime_context().gcs_address, gcs)
         mode = "local"
         if _exit_hook is None:  # runs before Ray's own exit hook, which Ray registers at its import
             _exit_hook = atexit.register(stop_monitor_first)
     _started[ray.get_runtime_context().gcs_address] = mode
     return mode
+
+
+def _embedded_gcs_address() -> str:
+    """The address an embedded Ray's GCS will have, chosen before it starts ($RAY_GCS_SERVER_PORT
+    if the user set it, else a free port, picked as Ray picks its own components' ports).
+
+    Its workers get it as $RAY_ADDRESS (the job's runtime env, which every actor's env_vars extend).
+    Without it, Ray's state API inside a worker looks for the cluster itself: it takes whatever
+    /tmp/ray/ray_current_cluster names, which `ray start` writes and only `ray stop` removes. Ray
+    Train's PlacementGroupCleaner asks that way whether the run's controller is alive. With the
+    file left by a cluster that was killed, it waits on a GCS that is gone, and every Stage 2 job
+    waited 12 s for it at its end, then logged "Failed to stop PlacementGroupCleaner gracefully".
+    With another live cluster on the machine, it asks that cluster, finds no such controller and
+    stops: the run loses its cleaner ("Failed to register placement group with cleaner").
+    """
+    import socket
+
+    from ray.util import get_node_ip_address
+
+    port = os.environ.get("RAY_GCS_SERVER_PORT")
+    if not port:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = str(s.getsockname()[1])
+    return f"{get_node_ip_address()}:{port}"
+
+
+@contextlib.contextmanager
+def _env_set(key: str, value: str):
+    """`key=value` in this process's environment for the block, then as it was."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def stop_monitor_first() -> None:
