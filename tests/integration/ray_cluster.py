@@ -132,7 +132,8 @@ class RayCluster:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
+        head = "head" in self.nodes
+        for name in [n for n in self.nodes if n != "head"] + (["head"] if head else []):
             proc = self.nodes.pop(name)
             proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
             try:
@@ -143,6 +144,29 @@ class RayCluster:
                 os.killpg(proc.pid, signal.SIGKILL)  # anything left in its process group
             except ProcessLookupError:
                 pass
+        if head:
+            self._forget_address()
+
+    def address_file(self) -> Path:
+        """Where `ray start --head` wrote its address (Ray's temp dir as the head's environment sets it,
+        by Ray's rule on Linux: $RAY_TMPDIR, else $TMPDIR, else /tmp)."""
+        base = self.env.get("RAY_TMPDIR") or self.env.get("TMPDIR") or "/tmp"
+        return Path(base) / "ray" / "ray_current_cluster"
+
+    def _forget_address(self) -> None:
+        """Remove the head's address file if it still names this (stopped) head.
+
+        Only `ray stop` removes it, and a head stopped by signal leaves it naming a dead GCS: a bare
+        `ray status` on this machine then fails on that address until someone runs `ray stop`. A file
+        another cluster has written since is left alone.
+        """
+        path = self.address_file()
+        try:
+            named = path.read_text().strip()
+        except OSError:
+            return
+        if self.gcs and named.rsplit(":", 1)[-1] == self.gcs.rsplit(":", 1)[-1]:
+            path.unlink(missing_ok=True)
 
     def alive_nodes(self) -> list[dict]:
         """The cluster's live nodes, as `ray list nodes` reports them (through the dashboard)."""
