@@ -153,6 +153,14 @@ class RayCluster:
         base = self.env.get("RAY_TMPDIR") or self.env.get("TMPDIR") or "/tmp"
         return Path(base) / "ray" / "ray_current_cluster"
 
+    def address_file_names_head(self) -> bool:
+        """Whether the address file names this head (by its GCS port: `ray start` writes the node's IP)."""
+        try:
+            named = self.address_file().read_text().strip()
+        except OSError:
+            return False
+        return bool(self.gcs) and named.rsplit(":", 1)[-1] == self.gcs.rsplit(":", 1)[-1]
+
     def _forget_address(self) -> None:
         """Remove the head's address file if it still names this (stopped) head.
 
@@ -160,13 +168,8 @@ class RayCluster:
         `ray status` on this machine then fails on that address until someone runs `ray stop`. A file
         another cluster has written since is left alone.
         """
-        path = self.address_file()
-        try:
-            named = path.read_text().strip()
-        except OSError:
-            return
-        if self.gcs and named.rsplit(":", 1)[-1] == self.gcs.rsplit(":", 1)[-1]:
-            path.unlink(missing_ok=True)
+        if self.address_file_names_head():
+            self.address_file().unlink(missing_ok=True)
 
     def alive_nodes(self) -> list[dict]:
         """The cluster's live nodes, as `ray list nodes` reports them (through the dashboard)."""

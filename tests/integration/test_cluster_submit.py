@@ -26,8 +26,7 @@ def ray_head(tmp_path):
     finally:
         c.stop()
     # `ray start --block` stopped by signal leaves its address file; the fixture removes it
-    named = c.address_file().read_text().strip() if c.address_file().exists() else ""
-    assert named.rsplit(":", 1)[-1] != c.gcs.rsplit(":", 1)[-1], f"{c.address_file()} still names the stopped head"
+    assert not c.address_file_names_head(), f"{c.address_file()} still names the stopped head"
 
 
 def test_stopped_stage2_job_resubmitted_resumes_without_gap_or_repeat(ray_head, tiny_model_dir, tmp_path):
